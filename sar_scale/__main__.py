@@ -1,0 +1,3 @@
+from sar_scale.cli import main
+
+raise SystemExit(main())
