@@ -1,0 +1,212 @@
+"""Fully Masked Transformer (FMT): the encoder-decoder of Set AutoRegressive modeling.
+
+* Encoder: condition tokens + image tokens of sets 1..K-1 in generation order, under the
+  set-causal mask m_e (a token of set k sees the condition and sets <= k).
+* Decoder: one mask token per target position (it carries only that position, through 2D RoPE);
+  targets of set k attend to each other (m_ds) and cross-attend to the condition and encoder
+  outputs of sets < k (m_dc). The first set is predicted from the condition alone.
+
+Everything runs in *sequence* space, where the masks depend only on set sizes (shared by the
+batch); per-sample orders only change gathers and RoPE positions. Logits are scattered back to
+raster order. Shape legend: B batch, N tokens, C condition tokens, M encoded image tokens,
+T queries, D width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from sar_scale.models.config import FMTConfig
+from sar_scale.models.layers import DecoderBlock, EncoderBlock, Rope2D, init_weights
+from sar_scale.sar.condition import Condition
+from sar_scale.sar.plan import SetPlan
+
+
+@dataclass
+class KVCache:
+    """Per-layer encoder self-attention K/V and decoder cross-attention K/V of everything encoded."""
+
+    enc: list[tuple[torch.Tensor, torch.Tensor]]
+    cross: list[tuple[torch.Tensor, torch.Tensor]]
+    valid_BS: torch.Tensor  # which cached keys are real (text padding is False)
+    grid: tuple[int, int]
+
+    @property
+    def length(self) -> int:
+        return self.valid_BS.shape[1]
+
+
+def _key_mask(valid_BS: torch.Tensor, structural: torch.Tensor | None) -> torch.Tensor | None:
+    """Combine a structural [T, S] mask with key padding [B, S] into an SDPA bool mask."""
+    if bool(valid_BS.all()):
+        return structural
+    pad = valid_BS[:, None, None, :]
+    return pad if structural is None else structural & pad
+
+
+class FullyMaskedTransformer(nn.Module):
+    def __init__(self, config: FMTConfig):
+        super().__init__()
+        self.config = cfg = config
+        d = cfg.width
+        self.tok_emb = nn.Embedding(cfg.vocab_size, d)
+        self.mask_token = nn.Parameter(torch.zeros(d))
+        if cfg.cond == "class":
+            self.class_emb = nn.Embedding(cfg.num_classes + 1, d)  # last row = null class
+        else:
+            self.text_norm = nn.RMSNorm(cfg.text_dim, eps=cfg.norm_eps)
+            self.text_proj = nn.Linear(cfg.text_dim, d)
+            self.cond_start = nn.Parameter(torch.zeros(d))  # always-valid context token
+        self.encoder = nn.ModuleList(EncoderBlock(cfg) for _ in range(cfg.enc_layers))
+        self.enc_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.decoder = nn.ModuleList(DecoderBlock(cfg) for _ in range(cfg.dec_layers))
+        self.dec_norm = nn.RMSNorm(d, eps=cfg.norm_eps)
+        self.head = nn.Linear(d, cfg.vocab_size, bias=False)
+        self.rope = Rope2D(cfg)
+        self.activation_checkpointing = False
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        init_weights(self, self.config.init_std, self.config.enc_layers + self.config.dec_layers)
+        nn.init.normal_(self.mask_token, std=self.config.init_std)
+        if self.config.cond == "text":
+            nn.init.normal_(self.cond_start, std=self.config.init_std)
+            nn.init.zeros_(self.text_proj.bias)
+
+    def enable_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each block in backward (memory for compute)."""
+        self.activation_checkpointing = enabled
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    # ------------------------------------------------------------------ condition
+    def embed_condition(self, cond: Condition) -> tuple[torch.Tensor, torch.Tensor]:
+        """Condition tokens ``[B, C, D]`` and their validity ``[B, C]``."""
+        cfg = self.config
+        dtype = self.tok_emb.weight.dtype
+        if cfg.cond == "class":
+            if cond.class_ids is None:
+                raise ValueError("this model is class-conditional: pass Condition(class_ids=...)")
+            ids = cond.class_ids.long()
+            if bool(((ids < -1) | (ids >= cfg.num_classes)).any()):
+                raise ValueError(f"class ids must be in [-1, {cfg.num_classes - 1}] (-1 = unconditional)")
+            ids = torch.where(ids < 0, torch.full_like(ids, cfg.num_classes), ids)
+            x = self.class_emb(ids).unsqueeze(1)
+            return x, torch.ones(x.shape[:2], dtype=torch.bool, device=x.device)
+        if cond.text is None:
+            raise ValueError("this model is text-conditional: pass Condition(text=..., text_mask=...)")
+        if cond.text.shape[-1] != cfg.text_dim:
+            raise ValueError(f"text features have width {cond.text.shape[-1]}, the model expects {cfg.text_dim}")
+        if cond.text.shape[1] > cfg.max_text_len:
+            raise ValueError(f"text has {cond.text.shape[1]} tokens, max_text_len is {cfg.max_text_len}")
+        t = self.text_proj(self.text_norm(cond.text.to(dtype)))
+        start = self.cond_start.to(dtype).expand(t.shape[0], 1, -1)
+        valid = torch.cat([torch.ones_like(cond.text_mask[:, :1]), cond.text_mask], dim=1)
+        return torch.cat([start, t], dim=1), valid
+
+    # ------------------------------------------------------------------ core
+    def _run(self, blk: nn.Module, *args):
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
+
+    def forward_seq(self, cond: Condition, enc_tokens_BM: torch.Tensor, enc_pos_BM2: torch.Tensor,
+                    enc_set_M: torch.Tensor, dec_pos_BT2: torch.Tensor, dec_set_T: torch.Tensor,
+                    grid: tuple[int, int]) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for decoder targets, given encoded tokens, all in sequence order.
+
+        Set ids index the sets; the condition is set -1. Used by training (all targets) and by the
+        no-cache sampler (recompute over everything known, targets of the next set only).
+        """
+        c_BCD, c_valid_BC = self.embed_condition(cond)
+        b, c = c_valid_BC.shape
+        dev = c_BCD.device
+        x = torch.cat([c_BCD, self.tok_emb(enc_tokens_BM)], dim=1)
+        enc_pos = torch.cat([torch.zeros(b, c, 2, device=dev), enc_pos_BM2.to(dev).float()], dim=1)
+        enc_set = torch.cat([torch.full((c,), -1, device=dev, dtype=torch.long), enc_set_M.to(dev)])
+        valid = torch.cat([c_valid_BC, torch.ones(enc_tokens_BM.shape, dtype=torch.bool, device=dev)], dim=1)
+        rope_e = self.rope.cos_sin(enc_pos, grid, x.dtype)
+        enc_mask = _key_mask(valid, enc_set[None, :] <= enc_set[:, None])
+        for blk in self.encoder:
+            x, _ = self._run(blk, x, rope_e, enc_mask)
+        enc_out = self.enc_norm(x)
+
+        dec_set_T = dec_set_T.to(dev)
+        rope_d = self.rope.cos_sin(dec_pos_BT2.to(dev), grid, x.dtype)
+        self_mask = dec_set_T[None, :] == dec_set_T[:, None]
+        cross_mask = _key_mask(valid, enc_set[None, :] < dec_set_T[:, None])
+        y = self.mask_token.to(x.dtype).expand(b, dec_pos_BT2.shape[1], -1)
+        for blk in self.decoder:
+            k, v = blk.cross_attn.project_kv(enc_out, rope_e)
+            y = self._run(blk, y, rope_d, self_mask, k, v, cross_mask)
+        return self.head(self.dec_norm(y))
+
+    def forward(self, tokens_BN: torch.Tensor, cond: Condition, plan: SetPlan) -> torch.Tensor:
+        """Logits ``[B, N, V]`` in raster order; position i is predicted only from sets before its set."""
+        b, n = tokens_BN.shape
+        if n != plan.num_tokens:
+            raise ValueError(f"tokens have {n} positions but the plan's grid {plan.grid} has {plan.num_tokens}")
+        plan = plan.expand(b).to(tokens_BN.device)
+        order = plan.order
+        seq = torch.gather(tokens_BN, 1, order)
+        pos = plan.positions(tokens_BN.device)
+        set_ids = plan.set_ids(tokens_BN.device)
+        m = n - plan.set_sizes[-1]  # the last set is never context
+        logits_seq = self.forward_seq(cond, seq[:, :m], pos[:, :m], set_ids[:m], pos, set_ids, plan.grid)
+        logits = torch.empty_like(logits_seq)
+        return logits.scatter_(1, order.unsqueeze(-1).expand_as(logits_seq), logits_seq)
+
+    # ------------------------------------------------------------------ incremental inference
+    @torch.no_grad()
+    def init_cache(self, cond: Condition, grid: tuple[int, int]) -> KVCache:
+        """Encode the condition tokens (the context of the first set)."""
+        c_BCD, valid = self.embed_condition(cond)
+        pos = torch.zeros(*valid.shape, 2, device=c_BCD.device)
+        cache = KVCache(enc=[], cross=[], valid_BS=valid[:, :0], grid=grid)
+        self._extend(cache, c_BCD, pos, valid)
+        return cache
+
+    @torch.no_grad()
+    def extend_cache(self, cache: KVCache, tokens_BS: torch.Tensor, pos_BS2: torch.Tensor) -> None:
+        """Encode one new set (it sees everything cached and itself) and append its K/V."""
+        valid = torch.ones(tokens_BS.shape, dtype=torch.bool, device=tokens_BS.device)
+        self._extend(cache, self.tok_emb(tokens_BS), pos_BS2, valid)
+
+    def _extend(self, cache: KVCache, x: torch.Tensor, pos_BS2: torch.Tensor, valid_BS: torch.Tensor) -> None:
+        rope = self.rope.cos_sin(pos_BS2, cache.grid, x.dtype)
+        all_valid = torch.cat([cache.valid_BS, valid_BS], dim=1)
+        mask = _key_mask(all_valid, None)
+        first = not cache.enc
+        for i, blk in enumerate(self.encoder):
+            x, kv = blk(x, rope, mask, None if first else cache.enc[i])
+            if first:
+                cache.enc.append(kv)
+            else:
+                cache.enc[i] = kv
+        enc_out = self.enc_norm(x)
+        for j, blk in enumerate(self.decoder):
+            k, v = blk.cross_attn.project_kv(enc_out, rope)
+            if first:
+                cache.cross.append((k, v))
+            else:
+                pk, pv = cache.cross[j]
+                cache.cross[j] = (torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2))
+        cache.valid_BS = all_valid
+
+    @torch.no_grad()
+    def decode_next(self, cache: KVCache, pos_BT2: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, T, V]`` for the targets of the next set (they see each other and the cache)."""
+        b, t = pos_BT2.shape[:2]
+        dtype = self.tok_emb.weight.dtype
+        rope = self.rope.cos_sin(pos_BT2, cache.grid, dtype)
+        cross_mask = _key_mask(cache.valid_BS, None)
+        y = self.mask_token.to(dtype).expand(b, t, -1)
+        for j, blk in enumerate(self.decoder):
+            k, v = cache.cross[j]
+            y = blk(y, rope, None, k, v, cross_mask)
+        return self.head(self.dec_norm(y))

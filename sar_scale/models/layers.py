@@ -1,0 +1,143 @@
+"""Building blocks of the Fully Masked Transformer: 2D RoPE, attention, SwiGLU.
+
+Shape legend: B batch, T query tokens, S key tokens, H heads, E head dim, D width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sar_scale.models.config import FMTConfig
+
+
+class Rope2D:
+    """2D rotary embedding: half of each head's dims rotate with the row, half with the column.
+
+    Works for any grid. Past the training grid, ``linear`` interpolates positions back into the
+    trained range and ``ntk`` enlarges the base so low frequencies stretch (Lumina-Next / RandAR).
+    Condition tokens use position (0, 0), i.e. no rotation (as LlamaGen does).
+    """
+
+    def __init__(self, cfg: FMTConfig):
+        self.head_dim = cfg.head_dim
+        self.base = cfg.rope_base
+        self.scaling = cfg.rope_scaling
+        self.train_grid = cfg.rope_train_grid
+
+    def cos_sin(self, pos_BT2: torch.Tensor, grid: tuple[int, int] | None, dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        n_ax = self.head_dim // 4  # frequencies per axis
+        base = self.base
+        pos = pos_BT2.float()
+        if grid is not None and self.train_grid is not None and self.scaling != "none":
+            scale = torch.tensor([max(1.0, grid[0] / self.train_grid[0]), max(1.0, grid[1] / self.train_grid[1])],
+                                 device=pos.device)
+            if self.scaling == "linear":
+                pos = pos / scale
+            elif float(scale.max()) > 1.0:  # ntk
+                base = base * float(scale.max()) ** (2 * n_ax / max(2 * n_ax - 2, 1))
+        freqs = base ** (-torch.arange(n_ax, device=pos.device, dtype=torch.float32) / n_ax)
+        ang = torch.cat([pos[..., :1] * freqs, pos[..., 1:] * freqs], dim=-1)  # [B, T, E/2]
+        return ang.cos().unsqueeze(1).to(dtype), ang.sin().unsqueeze(1).to(dtype)  # [B, 1, T, E/2]
+
+
+def apply_rope(x_BHTE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    x = x_BHTE.unflatten(-1, (-1, 2))
+    x0, x1 = x[..., 0], x[..., 1]
+    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+
+
+class Attention(nn.Module):
+    """Multi-head attention over an explicit key/value source (self or cross), via torch SDPA."""
+
+    def __init__(self, cfg: FMTConfig):
+        super().__init__()
+        d = cfg.width
+        self.heads, self.head_dim = cfg.heads, cfg.head_dim
+        self.wq = nn.Linear(d, d, bias=False)
+        self.wkv = nn.Linear(d, 2 * d, bias=False)
+        self.wo = nn.Linear(d, d, bias=False)
+        self.q_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(self.head_dim, eps=cfg.norm_eps) if cfg.qk_norm else nn.Identity()
+
+    def _split(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        return x_BTD.unflatten(-1, (self.heads, self.head_dim)).transpose(1, 2)  # [B, H, T, E]
+
+    def project_kv(self, ctx_BSD: torch.Tensor, rope_k: tuple[torch.Tensor, torch.Tensor]
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        k, v = self.wkv(ctx_BSD).chunk(2, dim=-1)
+        k = apply_rope(self.k_norm(self._split(k)), *rope_k)
+        return k, self._split(v)
+
+    def attend(self, x_BTD: torch.Tensor, k_BHSE: torch.Tensor, v_BHSE: torch.Tensor,
+               rope_q: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+        q = apply_rope(self.q_norm(self._split(self.wq(x_BTD))), *rope_q)
+        out = F.scaled_dot_product_attention(q, k_BHSE, v_BHSE, attn_mask=mask)
+        return self.wo(out.transpose(1, 2).flatten(2))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, cfg: FMTConfig):
+        super().__init__()
+        self.w1 = nn.Linear(cfg.width, cfg.hidden, bias=False)
+        self.w3 = nn.Linear(cfg.width, cfg.hidden, bias=False)
+        self.w2 = nn.Linear(cfg.hidden, cfg.width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class EncoderBlock(nn.Module):
+    """Pre-norm block with set-causal self-attention over known tokens."""
+
+    def __init__(self, cfg: FMTConfig):
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.ffn = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                past_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
+        """Returns (x, (k, v)) where k/v include ``past_kv`` (the KV cache) when given."""
+        h = self.attn_norm(x)
+        k, v = self.attn.project_kv(h, rope)
+        if past_kv is not None:
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        x = x + self.attn.attend(h, k, v, rope, mask)
+        x = x + self.ffn(self.ffn_norm(x))
+        return x, (k, v)
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: self-attention among the targets of a set, cross-attention to the encoder."""
+
+    def __init__(self, cfg: FMTConfig):
+        super().__init__()
+        self.self_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.self_attn = Attention(cfg)
+        self.cross_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.cross_attn = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.width, eps=cfg.norm_eps)
+        self.ffn = SwiGLU(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], self_mask: torch.Tensor | None,
+                cross_k: torch.Tensor, cross_v: torch.Tensor, cross_mask: torch.Tensor | None) -> torch.Tensor:
+        h = self.self_norm(x)
+        k, v = self.self_attn.project_kv(h, rope)
+        x = x + self.self_attn.attend(h, k, v, rope, self_mask)
+        x = x + self.cross_attn.attend(self.cross_norm(x), cross_k, cross_v, rope, cross_mask)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+def init_weights(module: nn.Module, std: float, num_layers: int) -> None:
+    """Normal(0, std) for weights; output projections scaled by 1/sqrt(2*layers) (GPT-2 style)."""
+    for name, p in module.named_parameters():
+        if p.dim() < 2:
+            continue
+        s = std / math.sqrt(2 * num_layers) if name.endswith(("wo.weight", "w2.weight")) else std
+        nn.init.normal_(p, mean=0.0, std=s)

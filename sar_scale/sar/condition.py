@@ -1,0 +1,67 @@
+"""The condition a SAR model generates from: a class id or a sequence of text features.
+
+The condition is the context of the first set. Dropping it (for classifier-free guidance) means:
+class id -1 (the model's null class), or all text tokens masked out (the model always keeps one
+learned "start" condition token, so an empty text is still a valid, unconditional context).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Condition:
+    class_ids: torch.Tensor | None = None  # [B] long, -1 = null
+    text: torch.Tensor | None = None  # [B, L, D]
+    text_mask: torch.Tensor | None = None  # [B, L] bool, True = valid token
+
+    def __post_init__(self) -> None:
+        if (self.class_ids is None) == (self.text is None):
+            raise ValueError("Condition needs exactly one of class_ids or text")
+        if self.text is not None:
+            if self.text.dim() != 3:
+                raise ValueError(f"text features must be [B, L, D], got {tuple(self.text.shape)}")
+            if self.text_mask is None:
+                self.text_mask = torch.ones(self.text.shape[:2], dtype=torch.bool, device=self.text.device)
+            if self.text_mask.shape != self.text.shape[:2]:
+                raise ValueError("text_mask must be [B, L] matching text")
+            self.text_mask = self.text_mask.to(torch.bool)
+
+    @property
+    def batch_size(self) -> int:
+        return (self.class_ids if self.class_ids is not None else self.text).shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return (self.class_ids if self.class_ids is not None else self.text).device
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Condition:
+        if self.class_ids is not None:
+            return Condition(class_ids=self.class_ids.to(device))
+        return Condition(text=self.text.to(device, dtype=dtype or self.text.dtype),
+                         text_mask=self.text_mask.to(device))
+
+    def _apply_keep(self, keep_B: torch.Tensor) -> Condition:
+        if self.class_ids is not None:
+            return Condition(class_ids=torch.where(keep_B, self.class_ids, torch.full_like(self.class_ids, -1)))
+        return Condition(text=self.text, text_mask=self.text_mask & keep_B.unsqueeze(1))
+
+    def dropped(self, p: float, generator: torch.Generator | None = None) -> Condition:
+        """Null each sample's condition with probability ``p`` (CFG training)."""
+        if p <= 0:
+            return self
+        keep = torch.rand(self.batch_size, generator=generator) >= p
+        return self._apply_keep(keep.to(self.device))
+
+    def null_like(self) -> Condition:
+        return self._apply_keep(torch.zeros(self.batch_size, dtype=torch.bool, device=self.device))
+
+    def cat(self, other: Condition) -> Condition:
+        """Concatenate along the batch (CFG doubles the batch: [cond; uncond])."""
+        if self.class_ids is not None:
+            return Condition(class_ids=torch.cat([self.class_ids, other.class_ids]))
+        return Condition(text=torch.cat([self.text, other.text]),
+                         text_mask=torch.cat([self.text_mask, other.text_mask]))
