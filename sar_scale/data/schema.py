@@ -1,0 +1,301 @@
+"""The shard format shared by the writer (``pipelines/``) and the reader (``data/loader.py``).
+
+Layout under a storage root (see docs/interfaces.md):
+
+    {name}-000000.tar          webdataset tar: per sample {key}.tokens_256.npy, {key}.txt, {key}.json, ...
+    {name}-000000.stats.json   written LAST: its presence commits the shard (img2dataset-style)
+    manifest.json              summary of all committed shards, written at the end of a job
+    rejects.jsonl              {"source_id", "reason"} per rejected input
+
+``stats.json`` carries an ``index`` with each member's byte range inside the tar, so a loader can
+range-read one sample (one GET) instead of streaming the whole tar.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+import tarfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from sar_scale.data.storage import Storage
+
+SCHEMA_VERSION = 1
+
+# Member extensions (the part after "{key}." in the tar).
+TXT = "txt"
+JSON = "json"
+TEXT_FEATURES = "text.npy"  # float16 [len, D], valid tokens only
+THUMBNAIL = "jpg"
+TOKENS_RE = re.compile(r"^tokens_(\d+)\.npy$")
+
+MANIFEST = "manifest.json"
+REJECTS = "rejects.jsonl"
+SHARD_DIGITS = 6
+_SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<index>\d{6})\.(?P<kind>tar|stats\.json)$")
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+KEY_LEN = 20  # hex chars of sha256: 80 bits, collision-free in practice at billions of samples
+
+
+class SchemaError(ValueError):
+    """A shard, stats file or manifest does not follow the schema; message names the file/field."""
+
+
+def tokens_member(res: int | str) -> str:
+    """Member extension holding the token grid for base resolution ``res`` (e.g. ``tokens_256.npy``)."""
+    return f"tokens_{int(res)}.npy"
+
+
+def sample_key(source_id: str) -> str:
+    """Deterministic ``__key__`` from the source id: a rerun writes the same key for the same input.
+
+    Hashed because webdataset splits member names at the first dot and source ids are paths/URLs.
+    """
+    if not source_id:
+        raise ValueError("sample_key: source_id must be a non-empty string")
+    return hashlib.sha256(source_id.encode("utf-8")).hexdigest()[:KEY_LEN]
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name or ""):
+        raise ValueError(f"invalid shard name {name!r}: use letters, digits, '_', '-', '.'")
+    return name
+
+
+def shard_stem(name: str, index: int) -> str:
+    if index < 0 or index >= 10**SHARD_DIGITS:
+        raise ValueError(f"shard index {index} out of range [0, {10**SHARD_DIGITS})")
+    return f"{check_name(name)}-{index:0{SHARD_DIGITS}d}"
+
+
+def tar_name(name: str, index: int) -> str:
+    return shard_stem(name, index) + ".tar"
+
+
+def stats_name(name: str, index: int) -> str:
+    return shard_stem(name, index) + ".stats.json"
+
+
+def parse_shard_name(key: str) -> tuple[str, int, str] | None:
+    """``"sub/x-000003.tar"`` -> ``("x", 3, "tar")``; None for anything else."""
+    m = _SHARD_RE.match(key.rsplit("/", 1)[-1])
+    if not m:
+        return None
+    return m["name"], int(m["index"]), m["kind"]
+
+
+def brace_pattern(name: str, num_shards: int) -> str:
+    """webdataset brace URL tail, e.g. ``x-{000000..000003}.tar``."""
+    if num_shards < 1:
+        raise ValueError("brace_pattern: num_shards must be >= 1")
+    if num_shards == 1:
+        return tar_name(name, 0)
+    return f"{check_name(name)}-{{{0:0{SHARD_DIGITS}d}..{num_shards - 1:0{SHARD_DIGITS}d}}}.tar"
+
+
+# ----------------------------------------------------------------------------- encode / decode
+
+
+def encode_npy(arr: np.ndarray) -> bytes:
+    """``.npy`` bytes (same format webdataset's default encoder writes and ``np.load`` reads)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def sample_json(source_id: str, orig_size: tuple[int, int], buckets: dict[int | str, tuple[int, int]],
+                scores: dict[str, float] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The per-sample ``json`` member: source id, original ``[w, h]``, token grid per resolution, scores."""
+    out: dict[str, Any] = {
+        "source_id": source_id,
+        "orig_size": [int(orig_size[0]), int(orig_size[1])],
+        "buckets": {str(int(r)): [int(hw[0]), int(hw[1])] for r, hw in buckets.items()},
+        "scores": {k: float(v) for k, v in (scores or {}).items()},
+    }
+    if extra:
+        out["extra"] = extra
+    return out
+
+
+def make_sample(source_id: str, caption: str, tokens: dict[int, np.ndarray], orig_size: tuple[int, int],
+                scores: dict[str, float] | None = None, text_features: np.ndarray | None = None,
+                thumbnail_jpg: bytes | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A dict ready for ``webdataset.TarWriter.write`` (all values already bytes, so no encoder magic)."""
+    sample: dict[str, Any] = {"__key__": sample_key(source_id), TXT: caption.encode("utf-8")}
+    grids = {}
+    for res, tok in tokens.items():
+        if tok.ndim != 2:
+            raise SchemaError(f"tokens for {source_id!r} at {res}: want a 2-D grid, got shape {tok.shape}")
+        sample[tokens_member(res)] = encode_npy(tok.astype(np.int32, copy=False))
+        grids[res] = tok.shape
+    meta = sample_json(source_id, orig_size, grids, scores, extra)
+    sample[JSON] = json.dumps(meta, sort_keys=True).encode("utf-8")
+    if text_features is not None:
+        if text_features.ndim != 2:
+            raise SchemaError(f"text features for {source_id!r}: want [len, D], got {text_features.shape}")
+        sample[TEXT_FEATURES] = encode_npy(text_features.astype(np.float16, copy=False))
+    if thumbnail_jpg is not None:
+        sample[THUMBNAIL] = thumbnail_jpg
+    return sample
+
+
+# ----------------------------------------------------------------------------- index of a tar
+
+
+def build_index(tar: str | Path | IO[bytes]) -> list[dict[str, Any]]:
+    """Per sample: key, token grid per resolution, and ``[offset, size]`` of each member's data.
+
+    Reads the finished tar with :mod:`tarfile` (``TarInfo.offset_data``), so offsets are exactly
+    what a Range GET needs. Samples keep tar order. Accepts a path or a readable stream.
+    """
+    index: list[dict[str, Any]] = []
+    by_key: dict[str, dict[str, Any]] = {}
+    # Stream mode ("r|") so a non-seekable S3 body works as well as a local file.
+    with tarfile.open(name=str(tar) if isinstance(tar, (str, Path)) else None,
+                      fileobj=None if isinstance(tar, (str, Path)) else tar, mode="r|") as tf:
+        for ti in tf:
+            if not ti.isfile():
+                continue
+            base = ti.name.rsplit("/", 1)[-1]
+            if "." not in base:
+                raise SchemaError(f"{tar}: member {ti.name!r} has no extension")
+            key, ext = base.split(".", 1)
+            if "/" in ti.name:
+                key = ti.name.rsplit("/", 1)[0] + "/" + key
+            entry = by_key.get(key)
+            if entry is None:
+                entry = by_key[key] = {"key": key, "buckets": {}, "members": {}}
+                index.append(entry)
+            entry["members"][ext] = [ti.offset_data, ti.size]
+            if ext == JSON:
+                f = tf.extractfile(ti)
+                assert f is not None
+                try:
+                    meta = json.loads(f.read())
+                    entry["buckets"] = {str(r): list(hw) for r, hw in meta.get("buckets", {}).items()}
+                except (ValueError, AttributeError) as e:
+                    raise SchemaError(f"{tar}: {ti.name} is not a valid sample json: {e}") from None
+    return index
+
+
+# ----------------------------------------------------------------------------- stats / manifest
+
+
+def make_stats(name: str, index: int, samples: int, rejects: dict[str, int], nbytes: int,
+               sample_index: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    stats = {"shard": shard_stem(name, index), "samples": int(samples),
+             "rejects": {k: int(v) for k, v in sorted(rejects.items())}, "bytes": int(nbytes),
+             "index": sample_index, "schema_version": SCHEMA_VERSION}
+    if extra:
+        stats.update(extra)
+    return stats
+
+
+def validate_stats(stats: Any, source: str = "stats.json") -> dict[str, Any]:
+    """Check the fields a reader relies on; raises :class:`SchemaError` naming the bad field."""
+    if not isinstance(stats, dict):
+        raise SchemaError(f"{source}: top level must be an object")
+    for field, typ in (("shard", str), ("samples", int), ("rejects", dict), ("bytes", int), ("index", list)):
+        if field not in stats:
+            raise SchemaError(f"{source}: missing field '{field}'")
+        if not isinstance(stats[field], typ):
+            raise SchemaError(f"{source}: field '{field}' must be {typ.__name__}")
+    if len(stats["index"]) != stats["samples"]:
+        raise SchemaError(f"{source}: 'index' has {len(stats['index'])} entries but 'samples' is "
+                          f"{stats['samples']}")
+    for i, e in enumerate(stats["index"]):
+        if not isinstance(e, dict) or "key" not in e or not isinstance(e.get("members"), dict):
+            raise SchemaError(f"{source}: index[{i}] needs 'key' and 'members'")
+    return stats
+
+
+def write_stats(storage: Storage, name: str, index: int, stats: dict[str, Any]) -> str:
+    """Write the commit marker for shard ``index`` (call only after its tar is in place)."""
+    validate_stats(stats, stats_name(name, index))
+    key = stats_name(name, index)
+    storage.put_bytes(json.dumps(stats, sort_keys=True).encode("utf-8"), key)
+    return key
+
+
+def read_stats(storage: Storage, key: str) -> dict[str, Any]:
+    try:
+        data = json.loads(storage.get_bytes(key))
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{storage.url(key)}: invalid JSON: {e}") from None
+    return validate_stats(data, storage.url(key))
+
+
+def committed_shards(storage: Storage, name: str | None = None, prefix: str = "") -> list[tuple[str, str]]:
+    """``(tar_key, stats_key)`` of every committed shard (stats present AND tar present), sorted."""
+    keys = set(storage.list(prefix))
+    out = []
+    for k in sorted(keys):
+        parsed = parse_shard_name(k)
+        if not parsed or parsed[2] != "stats.json" or (name is not None and parsed[0] != name):
+            continue
+        tar = k[: -len(".stats.json")] + ".tar"
+        if tar in keys:
+            out.append((tar, k))
+    return out
+
+
+def make_manifest(shards: list[dict[str, Any]], resolutions: Iterable[int],
+                  buckets: dict[str, dict[str, int]], config_hash: str, versions: dict[str, str],
+                  text_features: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    man = {"shards": shards, "resolutions": [int(r) for r in resolutions], "buckets": buckets,
+           "samples": int(sum(s["samples"] for s in shards)), "config_hash": config_hash,
+           "versions": versions, "text_features": bool(text_features), "schema_version": SCHEMA_VERSION}
+    if extra:
+        man.update(extra)
+    return validate_manifest(man)
+
+
+def validate_manifest(man: Any, source: str = MANIFEST) -> dict[str, Any]:
+    if not isinstance(man, dict):
+        raise SchemaError(f"{source}: top level must be an object")
+    for field, typ in (("shards", list), ("resolutions", list), ("buckets", dict), ("samples", int),
+                       ("config_hash", str), ("versions", dict), ("text_features", bool)):
+        if field not in man:
+            raise SchemaError(f"{source}: missing field '{field}'")
+        if not isinstance(man[field], typ):
+            raise SchemaError(f"{source}: field '{field}' must be {typ.__name__}")
+    for i, s in enumerate(man["shards"]):
+        if not isinstance(s, dict) or not {"tar", "stats", "samples"} <= set(s):
+            raise SchemaError(f"{source}: shards[{i}] needs 'tar', 'stats', 'samples'")
+    return man
+
+
+def write_manifest(storage: Storage, manifest: dict[str, Any]) -> str:
+    validate_manifest(manifest)
+    storage.put_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"), MANIFEST)
+    return MANIFEST
+
+
+def read_manifest(storage: Storage) -> dict[str, Any]:
+    try:
+        data = json.loads(storage.get_bytes(MANIFEST))
+    except json.JSONDecodeError as e:
+        raise SchemaError(f"{storage.url(MANIFEST)}: invalid JSON: {e}") from None
+    return validate_manifest(data, storage.url(MANIFEST))
+
+
+def write_rejects(storage: Storage, rejects: Iterable[dict[str, Any]]) -> str:
+    """``rejects.jsonl``: one ``{"source_id", "reason", ...}`` per line, sorted for reproducibility."""
+    rows = sorted(rejects, key=lambda r: (str(r["source_id"]), str(r["reason"])))
+    storage.put_bytes("".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode("utf-8"), REJECTS)
+    return REJECTS
+
+
+def read_rejects(storage: Storage) -> list[dict[str, Any]]:
+    text = storage.get_bytes(REJECTS).decode("utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

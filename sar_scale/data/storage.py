@@ -1,0 +1,431 @@
+"""Object storage for shards: a local directory (the default) or ``s3://bucket/prefix``.
+
+One small interface (:class:`Storage`) so pipelines, the training loader and checkpoints never
+branch on where bytes live. Keys are ``/``-separated and relative to the storage root.
+
+Atomicity is the point: a reader must never see half an object. Locally that is write-to-temp +
+``os.replace``; on S3 an object only becomes visible when its (multipart) upload completes, and we
+upload through boto3's transfer manager (``upload_file``). Credentials come from the standard
+AWS chain (env, profile, instance role); ``AWS_ENDPOINT_URL`` is honoured for MinIO / moto. They
+are never logged or shown in a repr.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+from urllib.parse import urlparse
+
+logger = logging.getLogger(__name__)
+
+# A temp object left by a crashed local write has this marker in its name; `list` hides them and
+# `clean_temp` removes them, so they are never visible to readers of shard names.
+TMP_MARK = ".tmp-"
+
+
+class StorageError(RuntimeError):
+    """A storage operation failed for good (after retries): message names the URL and the cause."""
+
+
+class StorageNotFound(StorageError, FileNotFoundError):
+    """The key does not exist."""
+
+
+def _redact(text: str) -> str:
+    """Remove ``user:password@`` from URLs so a repr or error never leaks credentials."""
+    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
+
+
+def _check_key(key: str) -> str:
+    if not key or key.startswith("/") or "\\" in key or any(p in ("", ".", "..") for p in key.split("/")):
+        raise ValueError(f"invalid storage key {key!r}: must be a relative '/'-separated path "
+                         "without '.', '..' or empty parts")
+    return key
+
+
+class Storage(ABC):
+    """Put/get/list/delete bytes under a root URL; ``put_*`` are atomic."""
+
+    root: str
+
+    @abstractmethod
+    def put_file(self, local: str | Path, key: str) -> None:
+        """Upload a local file atomically (all or nothing visible under ``key``)."""
+
+    @abstractmethod
+    def put_bytes(self, data: bytes, key: str) -> None:
+        """Write ``data`` atomically under ``key``."""
+
+    @abstractmethod
+    def get_bytes(self, key: str) -> bytes:
+        """Whole object; raises :class:`StorageNotFound` if absent."""
+
+    @abstractmethod
+    def get_range(self, key: str, offset: int, size: int) -> bytes:
+        """``size`` bytes from ``offset`` (one Range GET on S3) - a loader reads one sample this way."""
+
+    @abstractmethod
+    def get_file(self, key: str, local: str | Path) -> Path:
+        """Download to a local path."""
+
+    @abstractmethod
+    def open_read(self, key: str) -> IO[bytes]:
+        """A streaming binary reader (S3: the response body, not buffered in memory)."""
+
+    @abstractmethod
+    def exists(self, key: str) -> bool: ...
+
+    @abstractmethod
+    def size(self, key: str) -> int: ...
+
+    @abstractmethod
+    def list(self, prefix: str = "") -> list[str]:
+        """Keys under ``prefix`` (relative to the root), sorted; in-flight temp objects excluded."""
+
+    @abstractmethod
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting a missing key is not an error (idempotent cleanup)."""
+
+    @abstractmethod
+    def url(self, key: str = "") -> str:
+        """Full URL/path of ``key`` usable by ``webdataset.WebDataset`` (after register_webdataset_s3)."""
+
+    def clean_temp(self) -> int:
+        """Remove temp objects left by crashed writers; returns how many. No-op where writes are atomic."""
+        return 0
+
+
+class LocalStorage(Storage):
+    """A directory; atomic writes by temp file in the same directory + ``os.replace``."""
+
+    def __init__(self, root: str | Path):
+        self.path = Path(root).expanduser().resolve()
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.root = str(self.path)
+
+    def __repr__(self) -> str:
+        return f"LocalStorage({self.root!r})"
+
+    def _p(self, key: str) -> Path:
+        return self.path / _check_key(key)
+
+    def _atomic_write(self, key: str, writer) -> None:
+        dest = self._p(key)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f"{dest.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as f:
+                writer(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def put_file(self, local: str | Path, key: str) -> None:
+        with open(local, "rb") as src:
+            self._atomic_write(key, lambda f: shutil.copyfileobj(src, f, 1 << 20))
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        self._atomic_write(key, lambda f: f.write(data))
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._p(key).read_bytes()
+        except FileNotFoundError:
+            raise StorageNotFound(f"{self.url(key)}: not found") from None
+
+    def get_range(self, key: str, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise ValueError(f"get_range({key!r}): offset and size must be >= 0, got {offset}, {size}")
+        try:
+            with open(self._p(key), "rb") as f:
+                f.seek(offset)
+                data = f.read(size)
+        except FileNotFoundError:
+            raise StorageNotFound(f"{self.url(key)}: not found") from None
+        if len(data) != size:
+            raise StorageError(f"{self.url(key)}: range {offset}+{size} beyond end of object")
+        return data
+
+    def get_file(self, key: str, local: str | Path) -> Path:
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            shutil.copyfile(self._p(key), local)
+        except FileNotFoundError:
+            raise StorageNotFound(f"{self.url(key)}: not found") from None
+        return local
+
+    def open_read(self, key: str) -> IO[bytes]:
+        try:
+            return open(self._p(key), "rb")
+        except FileNotFoundError:
+            raise StorageNotFound(f"{self.url(key)}: not found") from None
+
+    def exists(self, key: str) -> bool:
+        return self._p(key).is_file()
+
+    def size(self, key: str) -> int:
+        try:
+            return self._p(key).stat().st_size
+        except FileNotFoundError:
+            raise StorageNotFound(f"{self.url(key)}: not found") from None
+
+    def _walk(self, prefix: str) -> Iterator[str]:
+        for dirpath, _, files in os.walk(self.path):
+            for fn in files:
+                rel = os.path.relpath(os.path.join(dirpath, fn), self.path).replace(os.sep, "/")
+                if rel.startswith(prefix):
+                    yield rel
+
+    def list(self, prefix: str = "") -> list[str]:
+        return sorted(k for k in self._walk(prefix) if TMP_MARK not in k)
+
+    def delete(self, key: str) -> None:
+        self._p(key).unlink(missing_ok=True)
+
+    def url(self, key: str = "") -> str:
+        return str(self._p(key)) if key else self.root
+
+    def clean_temp(self) -> int:
+        n = 0
+        for k in self._walk(""):
+            if TMP_MARK in k:
+                (self.path / k).unlink(missing_ok=True)
+                n += 1
+        return n
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """``s3://bucket/a/b`` -> ``("bucket", "a/b")`` (prefix without leading/trailing slash)."""
+    pr = urlparse(url)
+    if pr.scheme != "s3" or not pr.netloc:
+        raise ValueError(f"not an s3 URL (want s3://bucket/prefix): {_redact(url)!r}")
+    return pr.netloc, pr.path.strip("/")
+
+
+# Errors that retrying will not fix: surface them at once with a clear message.
+_PERMANENT = {"NoSuchBucket", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch",
+              "AllAccessDisabled", "InvalidBucketName", "403", "400"}
+
+
+def make_s3_client(endpoint_url: str | None = None, region: str | None = None,
+                   max_attempts: int = 8, connect_timeout: float = 10.0, read_timeout: float = 60.0):
+    """A boto3 S3 client with bounded adaptive retries and timeouts (a dead endpoint fails, not hangs).
+
+    Credentials and region come from the standard AWS chain; ``AWS_ENDPOINT_URL`` (or the explicit
+    ``endpoint_url``) points it at MinIO/moto/any S3-compatible server.
+    """
+    import boto3
+    from botocore.config import Config
+
+    endpoint = endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    extra: dict[str, Any] = {}
+    if endpoint:  # MinIO & co. on a plain host name need path-style addressing
+        extra["s3"] = {"addressing_style": "path"}
+    cfg = Config(retries={"mode": "adaptive", "max_attempts": max_attempts},
+                 connect_timeout=connect_timeout, read_timeout=read_timeout, **extra)
+    region = region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+    # A fresh session per client: boto3's default session is not thread-safe to create clients from.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
+
+
+class S3Storage(Storage):
+    """``s3://bucket/prefix`` through boto3 (retries with backoff, transfer manager uploads)."""
+
+    def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None,
+                 max_attempts: int = 8, connect_timeout: float = 10.0, read_timeout: float = 60.0,
+                 multipart_threshold: int = 64 << 20):
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
+        self._client_kw = dict(endpoint_url=endpoint_url, region=region, max_attempts=max_attempts,
+                               connect_timeout=connect_timeout, read_timeout=read_timeout)
+        self.multipart_threshold = multipart_threshold
+        self._local = threading.local()
+
+    def __repr__(self) -> str:  # no credentials, ever
+        ep = self._client_kw["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL") or "aws"
+        return f"S3Storage({self.root!r}, endpoint={_redact(ep)!r})"
+
+    # boto3 clients are not picklable: Ray workers rebuild theirs lazily (one per thread).
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_local", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._local = threading.local()
+
+    @property
+    def client(self):
+        c = getattr(self._local, "client", None)
+        if c is None:
+            c = self._local.client = make_s3_client(**self._client_kw)
+        return c
+
+    def _k(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _fail(self, op: str, key: str, err: Exception) -> StorageError:
+        from botocore.exceptions import ClientError
+
+        where = f"s3://{self.bucket}/{self._k(key)}" if key else self.root
+        if isinstance(err, ClientError):
+            code = str(err.response.get("Error", {}).get("Code", ""))
+            if code in ("NoSuchKey", "404", "NotFound"):
+                return StorageNotFound(f"{where}: not found")
+            hint = " (permanent: check bucket name and credentials)" if code in _PERMANENT else ""
+            return StorageError(f"{op} {where} failed: {code}{hint}")
+        # EndpointConnectionError, ReadTimeout, ... after botocore's retries are exhausted.
+        return StorageError(f"{op} {where} failed after retries: {type(err).__name__}: {_redact(str(err))}")
+
+    def _call(self, op: str, key: str, fn, *a, **kw):
+        try:
+            return fn(*a, **kw)
+        except Exception as e:  # noqa: BLE001 - translated into a StorageError with context
+            from botocore.exceptions import BotoCoreError, ClientError
+
+            if isinstance(e, (BotoCoreError, ClientError)):
+                raise self._fail(op, key, e) from None
+            raise
+
+    def put_file(self, local: str | Path, key: str) -> None:
+        from boto3.s3.transfer import TransferConfig
+
+        cfg = TransferConfig(multipart_threshold=self.multipart_threshold, use_threads=True)
+        # upload_file is the transfer manager: multipart for big files, the object appears only
+        # when CompleteMultipartUpload succeeds, and a failed upload is aborted - atomic.
+        self._call("upload", key, self.client.upload_file, str(local), self.bucket, self._k(key),
+                   Config=cfg)
+
+    def put_bytes(self, data: bytes, key: str) -> None:
+        self._call("put", key, self.client.put_object, Bucket=self.bucket, Key=self._k(key), Body=data)
+
+    def get_bytes(self, key: str) -> bytes:
+        def get():
+            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+
+        return self._call("get", key, get)
+
+    def get_range(self, key: str, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise ValueError(f"get_range({key!r}): offset and size must be >= 0, got {offset}, {size}")
+        if size == 0:
+            return b""
+
+        def get():
+            r = self.client.get_object(Bucket=self.bucket, Key=self._k(key),
+                                       Range=f"bytes={offset}-{offset + size - 1}")
+            return r["Body"].read()
+
+        data = self._call("range-get", key, get)
+        if len(data) != size:
+            raise StorageError(f"{self.url(key)}: range {offset}+{size} beyond end of object")
+        return data
+
+    def get_file(self, key: str, local: str | Path) -> Path:
+        local = Path(local)
+        local.parent.mkdir(parents=True, exist_ok=True)
+        self._call("download", key, self.client.download_file, self.bucket, self._k(key), str(local))
+        return local
+
+    def open_read(self, key: str) -> IO[bytes]:
+        r = self._call("get", key, self.client.get_object, Bucket=self.bucket, Key=self._k(key))
+        return r["Body"]
+
+    def exists(self, key: str) -> bool:
+        try:
+            self.size(key)
+            return True
+        except StorageNotFound:
+            return False
+
+    def size(self, key: str) -> int:
+        r = self._call("head", key, self.client.head_object, Bucket=self.bucket, Key=self._k(key))
+        return int(r["ContentLength"])
+
+    def list(self, prefix: str = "") -> list[str]:
+        full = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        cut = len(self.prefix) + 1 if self.prefix else 0
+
+        def run():
+            keys = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                               Prefix=full):
+                keys += [o["Key"][cut:] for o in page.get("Contents", [])]
+            return keys
+
+        return sorted(k for k in self._call("list", prefix, run) if k and TMP_MARK not in k)
+
+    def delete(self, key: str) -> None:
+        self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._k(key))
+
+    def url(self, key: str = "") -> str:
+        return f"s3://{self.bucket}/{self._k(key)}" if key else self.root
+
+
+def open_storage(url: str | Path, **kwargs: Any) -> Storage:
+    """``s3://bucket/prefix`` -> :class:`S3Storage`; anything else (path, ``file://``) -> local."""
+    s = str(url)
+    if s.startswith("s3://"):
+        return S3Storage(s, **kwargs)
+    if s.startswith("file://"):
+        s = urlparse(s).path
+    elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", s):
+        raise ValueError(f"unsupported storage URL {_redact(s)!r}: use a local path or s3://bucket/prefix")
+    return LocalStorage(s)
+
+
+class _S3Writer(io.RawIOBase):
+    """Spool to a local temp file; upload atomically on close (used for ``gopen(s3://..., "wb")``)."""
+
+    def __init__(self, url: str):
+        self.bucket, self.key = parse_s3_url(url)
+        self._tmp = tempfile.NamedTemporaryFile(prefix="sar-s3-", suffix=".part", delete=False)  # noqa: SIM115
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        return self._tmp.write(b)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self._tmp.close()
+            S3Storage(f"s3://{self.bucket}").put_file(self._tmp.name, self.key)
+        finally:
+            os.unlink(self._tmp.name)
+            super().close()
+
+
+def gopen_s3(url: str, mode: str = "rb", bufsize: int = 8192, **kw: Any) -> IO[bytes]:
+    """webdataset opener for ``s3://``: streams the object body (no local copy)."""
+    bucket, key = parse_s3_url(url)
+    if mode == "rb":
+        return S3Storage(f"s3://{bucket}").open_read(key)
+    if mode == "wb":
+        return _S3Writer(url)
+    raise ValueError(f"gopen_s3: unsupported mode {mode!r}")
+
+
+def register_webdataset_s3() -> None:
+    """Teach ``webdataset`` the ``s3://`` scheme (it has none built in); idempotent."""
+    import webdataset
+
+    webdataset.gopen_schemes["s3"] = gopen_s3
