@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from sar_scale.models.config import FMTConfig
-from sar_scale.models.layers import DecoderBlock, EncoderBlock, Rope2D, init_weights
+from sar_scale.models.layers import DecoderBlock, EncoderBlock, Rope2D, init_weights, sincos_2d
 from sar_scale.sar.condition import Condition
 from sar_scale.sar.plan import SetPlan
 
@@ -55,6 +55,7 @@ class FullyMaskedTransformer(nn.Module):
         d = cfg.width
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.mask_token = nn.Parameter(torch.zeros(d))
+        self.pos_proj = nn.Linear(4 * (d // 4), d, bias=False)  # absolute 2D position of image tokens/targets
         if cfg.cond == "class":
             self.class_emb = nn.Embedding(cfg.num_classes + 1, d)  # last row = null class
         else:
@@ -83,6 +84,22 @@ class FullyMaskedTransformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    def _pos_emb(self, pos_BT2: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        cfg = self.config
+        if cfg.rope_scaling == "linear" and cfg.rope_train_grid is not None:
+            scale = torch.tensor([max(1.0, grid[0] / cfg.rope_train_grid[0]),
+                                  max(1.0, grid[1] / cfg.rope_train_grid[1])], device=pos_BT2.device)
+            pos_BT2 = pos_BT2 / scale
+        return self.pos_proj(sincos_2d(pos_BT2, self.config.width).to(dtype))
+
+    def _targets(self, pos_BT2: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+        """Decoder inputs: the shared mask token plus the target's absolute position."""
+        return self.mask_token.to(dtype) + self._pos_emb(pos_BT2, grid, dtype)
+
+    def _image_tokens(self, tokens_BS: torch.Tensor, pos_BS2: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        x = self.tok_emb(tokens_BS)
+        return x + self._pos_emb(pos_BS2, grid, x.dtype)
 
     # ------------------------------------------------------------------ condition
     def embed_condition(self, cond: Condition) -> tuple[torch.Tensor, torch.Tensor]:
@@ -126,7 +143,7 @@ class FullyMaskedTransformer(nn.Module):
         c_BCD, c_valid_BC = self.embed_condition(cond)
         b, c = c_valid_BC.shape
         dev = c_BCD.device
-        x = torch.cat([c_BCD, self.tok_emb(enc_tokens_BM)], dim=1)
+        x = torch.cat([c_BCD, self._image_tokens(enc_tokens_BM, enc_pos_BM2.to(dev), grid)], dim=1)
         enc_pos = torch.cat([torch.zeros(b, c, 2, device=dev), enc_pos_BM2.to(dev).float()], dim=1)
         enc_set = torch.cat([torch.full((c,), -1, device=dev, dtype=torch.long), enc_set_M.to(dev)])
         valid = torch.cat([c_valid_BC, torch.ones(enc_tokens_BM.shape, dtype=torch.bool, device=dev)], dim=1)
@@ -140,7 +157,7 @@ class FullyMaskedTransformer(nn.Module):
         rope_d = self.rope.cos_sin(dec_pos_BT2.to(dev), grid, x.dtype)
         self_mask = dec_set_T[None, :] == dec_set_T[:, None]
         cross_mask = _key_mask(valid, enc_set[None, :] < dec_set_T[:, None])
-        y = self.mask_token.to(x.dtype).expand(b, dec_pos_BT2.shape[1], -1)
+        y = self._targets(dec_pos_BT2.to(dev), grid, x.dtype)
         for blk in self.decoder:
             k, v = blk.cross_attn.project_kv(enc_out, rope_e)
             y = self._run(blk, y, rope_d, self_mask, k, v, cross_mask)
@@ -175,7 +192,7 @@ class FullyMaskedTransformer(nn.Module):
     def extend_cache(self, cache: KVCache, tokens_BS: torch.Tensor, pos_BS2: torch.Tensor) -> None:
         """Encode one new set (it sees everything cached and itself) and append its K/V."""
         valid = torch.ones(tokens_BS.shape, dtype=torch.bool, device=tokens_BS.device)
-        self._extend(cache, self.tok_emb(tokens_BS), pos_BS2, valid)
+        self._extend(cache, self._image_tokens(tokens_BS, pos_BS2, cache.grid), pos_BS2, valid)
 
     def _extend(self, cache: KVCache, x: torch.Tensor, pos_BS2: torch.Tensor, valid_BS: torch.Tensor) -> None:
         rope = self.rope.cos_sin(pos_BS2, cache.grid, x.dtype)
@@ -201,11 +218,10 @@ class FullyMaskedTransformer(nn.Module):
     @torch.no_grad()
     def decode_next(self, cache: KVCache, pos_BT2: torch.Tensor) -> torch.Tensor:
         """Logits ``[B, T, V]`` for the targets of the next set (they see each other and the cache)."""
-        b, t = pos_BT2.shape[:2]
         dtype = self.tok_emb.weight.dtype
         rope = self.rope.cos_sin(pos_BT2, cache.grid, dtype)
         cross_mask = _key_mask(cache.valid_BS, None)
-        y = self.mask_token.to(dtype).expand(b, t, -1)
+        y = self._targets(pos_BT2, cache.grid, dtype)
         for j, blk in enumerate(self.decoder):
             k, v = cache.cross[j]
             y = blk(y, rope, None, k, v, cross_mask)

@@ -45,6 +45,20 @@ class Rope2D:
         return ang.cos().unsqueeze(1).to(dtype), ang.sin().unsqueeze(1).to(dtype)  # [B, 1, T, E/2]
 
 
+def sincos_2d(pos_BT2: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed 2D sine-cosine features of (row, col): ``[B, T, dim]`` (MAE-style, any grid).
+
+    RoPE alone is relative: a decoder query made of the shared mask token, attending to a single
+    condition token, would not know where it is. These absolute features (through a learned
+    projection) tell every target its position.
+    """
+    n = dim // 4
+    omega = 1.0 / (10000 ** (torch.arange(n, device=pos_BT2.device, dtype=torch.float32) / n))
+    y = pos_BT2[..., :1].float() * omega
+    x = pos_BT2[..., 1:].float() * omega
+    return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=-1)
+
+
 def apply_rope(x_BHTE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x = x_BHTE.unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]

@@ -1,0 +1,96 @@
+"""Orders, intervals, set plans and the three generalized masks."""
+
+import pytest
+import torch
+
+from sar_scale.config import ConfigError, load_config
+from sar_scale.sar import INTERVALS, ORDERS, PlanDistribution, PlanSampler, SetPlan, make_order, set_sizes
+
+
+@pytest.mark.parametrize("name", ORDERS)
+@pytest.mark.parametrize("grid", [(4, 4), (3, 5), (1, 7), (6, 2)])
+def test_orders_are_permutations(name, grid):
+    o = make_order(name, *grid, batch_size=3, seed=5)
+    assert o.shape[1] == grid[0] * grid[1]
+    for row in o:
+        assert sorted(row.tolist()) == list(range(grid[0] * grid[1]))
+
+
+def test_structured_orders():
+    assert make_order("zigzag", 2, 3)[0].tolist() == [0, 1, 2, 5, 4, 3]
+    assert make_order("spiral", 3, 3)[0].tolist() == [0, 1, 2, 5, 8, 7, 6, 3, 4]
+    assert make_order("subsample", 2, 4)[0].tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+    a = make_order("fixed_random", 4, 4, seed=3)
+    assert torch.equal(a, make_order("fixed_random", 4, 4, seed=3))
+    assert not torch.equal(a, make_order("fixed_random", 4, 4, seed=4))
+    r = make_order("random", 4, 4, batch_size=2, seed=0)
+    assert not torch.equal(r[0], r[1])
+
+
+@pytest.mark.parametrize("intervals", INTERVALS)
+@pytest.mark.parametrize("n,k", [(16, 4), (256, 16), (7, 7), (10, 1), (1024, 64)])
+def test_set_sizes(intervals, n, k):
+    s = set_sizes(n, k, intervals, seed=1)
+    assert sum(s) == n and min(s) >= 1
+    assert len(s) == (n if intervals == "ar" else k)
+
+
+def test_cosine_grows_and_bad_values():
+    s = set_sizes(256, 8, "cosine")
+    assert s[0] < s[-1]
+    with pytest.raises(ValueError, match="num_sets"):
+        set_sizes(10, 11, "equal")
+    with pytest.raises(ValueError, match="intervals must be one of"):
+        set_sizes(10, 2, "bogus")
+    with pytest.raises(ValueError, match="order must be one of"):
+        make_order("bogus", 2, 2)
+
+
+def test_masks_sequence_and_raster():
+    plan = SetPlan.build((2, 3), order="random", num_sets=3, intervals="equal", batch_size=2, seed=0)
+    m = plan.masks()
+    ids = plan.set_ids()
+    assert ids.tolist() == [0, 0, 1, 1, 2, 2]
+    assert m["encoder"][2].tolist() == [True, True, True, True, False, False]
+    assert m["decoder_self"][2].tolist() == [False, False, True, True, False, False]
+    assert m["decoder_cross"][2].tolist() == [True, True, False, False, False, False]
+    r = plan.masks(space="raster")
+    assert r["encoder"].shape == (2, 6, 6)
+    # raster mask of sample b = sequence mask permuted by its order
+    for b in range(2):
+        o = plan.order[b]
+        inv = torch.empty_like(o)
+        inv[o] = torch.arange(6)
+        assert torch.equal(r["decoder_cross"][b], m["decoder_cross"][inv][:, inv])
+
+
+def test_ar_plan_masks_are_causal():
+    plan = SetPlan.build((3, 3), order="raster", intervals="ar")
+    m = plan.masks()
+    n = 9
+    assert torch.equal(m["decoder_cross"], torch.ones(n, n).tril(-1).bool())
+    assert torch.equal(m["encoder"], torch.ones(n, n).tril().bool())
+
+
+def test_with_known_puts_known_first():
+    plan = SetPlan.build((4, 4), order="raster", num_sets=4, intervals="equal")
+    known = torch.zeros(16, dtype=torch.bool)
+    known[[5, 6, 9]] = True
+    p2, nk = plan.with_known(known)
+    assert nk == 3 and p2.set_sizes[0] == 3 and sum(p2.set_sizes) == 16
+    assert p2.order[0, :3].tolist() == [5, 6, 9]
+    with pytest.raises(ValueError, match="same number"):
+        plan.with_known(torch.stack([known, torch.zeros(16, dtype=torch.bool)]))
+
+
+def test_plan_sampler_is_deterministic_and_validated():
+    dist = PlanDistribution(orders={"random": 1, "raster": 1}, num_sets=[4, 8], intervals={"random": 1, "cosine": 1})
+    s = PlanSampler(dist)
+    a = [s.draw((4, 4), 2, torch.Generator().manual_seed(i)) for i in range(6)]
+    b = [s.draw((4, 4), 2, torch.Generator().manual_seed(i)) for i in range(6)]
+    assert all(torch.equal(x.order, y.order) and x.set_sizes == y.set_sizes for x, y in zip(a, b))
+    assert len({p.name() for p in a}) > 1
+    with pytest.raises(ConfigError, match="orders"):
+        load_config(PlanDistribution, {"orders": {"rastr": 1}})
+    with pytest.raises(ConfigError, match="unknown key 'num_set'"):
+        load_config(PlanDistribution, {"num_set": [4]})
