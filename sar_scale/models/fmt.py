@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from sar_scale.models.config import FMTConfig
@@ -46,6 +47,27 @@ def _key_mask(valid_BS: torch.Tensor, structural: torch.Tensor | None) -> torch.
         return structural
     pad = valid_BS[:, None, None, :]
     return pad if structural is None else structural & pad
+
+
+def _flex_masks(enc_set: torch.Tensor, valid_BS: torch.Tensor, dec_set: torch.Tensor):
+    """The three masks as flex-attention BlockMasks (training path; blocks that are fully masked,
+    e.g. the upper triangle of the set-causal mask, are skipped by the fused kernel)."""
+    b, s = valid_BS.shape
+    t = dec_set.shape[0]
+    dev = valid_BS.device
+
+    def enc_mod(bi, h, qi, ki):
+        return (enc_set[ki] <= enc_set[qi]) & valid_BS[bi, ki]
+
+    def self_mod(bi, h, qi, ki):
+        return dec_set[ki] == dec_set[qi]
+
+    def cross_mod(bi, h, qi, ki):
+        return (enc_set[ki] < dec_set[qi]) & valid_BS[bi, ki]
+
+    return (create_block_mask(enc_mod, b, None, s, s, device=dev),
+            create_block_mask(self_mod, None, None, t, t, device=dev),
+            create_block_mask(cross_mod, b, None, t, s, device=dev))
 
 
 class FullyMaskedTransformer(nn.Module):
@@ -148,15 +170,18 @@ class FullyMaskedTransformer(nn.Module):
         enc_set = torch.cat([torch.full((c,), -1, device=dev, dtype=torch.long), enc_set_M.to(dev)])
         valid = torch.cat([c_valid_BC, torch.ones(enc_tokens_BM.shape, dtype=torch.bool, device=dev)], dim=1)
         rope_e = self.rope.cos_sin(enc_pos, grid, x.dtype)
-        enc_mask = _key_mask(valid, enc_set[None, :] <= enc_set[:, None])
+        dec_set_T = dec_set_T.to(dev)
+        if self.config.attn_impl == "flex":
+            enc_mask, self_mask, cross_mask = _flex_masks(enc_set, valid, dec_set_T)
+        else:
+            enc_mask = _key_mask(valid, enc_set[None, :] <= enc_set[:, None])
+            self_mask = dec_set_T[None, :] == dec_set_T[:, None]
+            cross_mask = _key_mask(valid, enc_set[None, :] < dec_set_T[:, None])
         for blk in self.encoder:
             x, _ = self._run(blk, x, rope_e, enc_mask)
         enc_out = self.enc_norm(x)
 
-        dec_set_T = dec_set_T.to(dev)
         rope_d = self.rope.cos_sin(dec_pos_BT2.to(dev), grid, x.dtype)
-        self_mask = dec_set_T[None, :] == dec_set_T[:, None]
-        cross_mask = _key_mask(valid, enc_set[None, :] < dec_set_T[:, None])
         y = self._targets(dec_pos_BT2.to(dev), grid, x.dtype)
         for blk in self.decoder:
             k, v = blk.cross_attn.project_kv(enc_out, rope_e)

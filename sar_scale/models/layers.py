@@ -10,6 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from sar_scale.models.config import FMTConfig
 
@@ -65,6 +66,17 @@ def apply_rope(x_BHTE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
 
 
+_FLEX = None
+
+
+def _flex_attention():
+    """flex_attention, compiled on CUDA (fused kernels that skip fully-masked blocks); eager elsewhere."""
+    global _FLEX
+    if _FLEX is None:
+        _FLEX = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
+    return _FLEX
+
+
 class Attention(nn.Module):
     """Multi-head attention over an explicit key/value source (self or cross), via torch SDPA."""
 
@@ -88,9 +100,12 @@ class Attention(nn.Module):
         return k, self._split(v)
 
     def attend(self, x_BTD: torch.Tensor, k_BHSE: torch.Tensor, v_BHSE: torch.Tensor,
-               rope_q: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+               rope_q: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | BlockMask | None) -> torch.Tensor:
         q = apply_rope(self.q_norm(self._split(self.wq(x_BTD))), *rope_q)
-        out = F.scaled_dot_product_attention(q, k_BHSE, v_BHSE, attn_mask=mask)
+        if isinstance(mask, BlockMask):
+            out = _flex_attention()(q, k_BHSE, v_BHSE, block_mask=mask)
+        else:
+            out = F.scaled_dot_product_attention(q, k_BHSE, v_BHSE, attn_mask=mask)
         return self.wo(out.transpose(1, 2).flatten(2))
 
 

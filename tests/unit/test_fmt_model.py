@@ -225,3 +225,16 @@ def test_sampling_seed_determinism():
     b = sample(m, _cls(2), plan, generator=torch.Generator().manual_seed(1))
     c = sample(m, _cls(2), plan, generator=torch.Generator().manual_seed(2))
     assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_flex_attention_matches_sdpa():
+    """The flex-attention block-mask path (used on CUDA) gives the SDPA logits (forward, eager CPU)."""
+    torch.manual_seed(0)
+    sd = build_model("debug", cond="text").eval()
+    fx = build_model("debug", cond="text", attn_impl="flex").eval()
+    fx.load_state_dict(sd.state_dict())
+    plan = SetPlan.build((3, 4), order="random", num_sets=4, intervals="random", batch_size=2, seed=0)
+    tok = torch.randint(0, 64, (2, 12))
+    cond = Condition(text=torch.randn(2, 5, 32), text_mask=torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]).bool())
+    with torch.no_grad():
+        torch.testing.assert_close(fx(tok, cond, plan), sd(tok, cond, plan), rtol=1e-4, atol=1e-5)
