@@ -1,0 +1,162 @@
+"""Typed config of `sar-scale data prepare` (strict: unknown keys are errors)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from sar_scale.config import StrictModel
+
+
+class InputConfig(StrictModel):
+    """Where the raw image-text pairs are."""
+
+    kind: Literal["folder", "manifest", "webdataset"] = "folder"
+    """folder: images + same-stem .txt (recursive); manifest: JSONL/Parquet rows; webdataset: tars."""
+    path: str = ""
+    """Folder (local or s3://bucket/prefix), manifest file (.jsonl/.parquet, local or s3://), or tars: a
+    directory/prefix holding *.tar, one .tar, or a brace pattern like data-{000000..000009}.tar."""
+    image_column: str = "image"
+    """Manifest column with the image path (relative to the manifest's folder) or s3:// URL."""
+    caption_column: str = "caption"
+    """Manifest column with the caption."""
+    id_column: str | None = None
+    """Manifest column with a unique source id (default: the image path)."""
+    files_per_unit: int = Field(256, ge=1)
+    """Inputs per scan task (folder/manifest); one task per tar for webdataset inputs."""
+
+
+class DecodeConfig(StrictModel):
+    """Image validation: what counts as a readable, safe image."""
+
+    max_pixels: int = Field(64_000_000, ge=1)
+    """Decompression-bomb guard: width*height from the header above this is rejected before decoding."""
+    max_file_bytes: int = Field(50 * 2**20, ge=1)
+    """Files larger than this are rejected unread (file_too_large)."""
+    formats: list[str] = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"]
+    """Accepted decoded formats (PIL names); others are rejected as unsupported_format."""
+    animated: Literal["reject", "first_frame"] = "reject"
+    """Animated GIF/WebP/APNG: reject, or keep the first frame."""
+
+
+class ScorerConfig(StrictModel):
+    """Optional model-based score (e.g. CLIP image-text similarity); skipped when model_path is unset."""
+
+    kind: Literal["clip"] = "clip"
+    """Scorer type: clip = cosine similarity of CLIP image and text embeddings."""
+    model_path: str | None = None
+    """Local directory of a transformers CLIPModel + processor; None disables the stage."""
+    min_score: float | None = None
+    """Reject samples scoring below this (low_score); None = only record the score."""
+
+
+class FilterConfig(StrictModel):
+    """Per-sample filters; each rejection is counted under its reason."""
+
+    min_side: int = Field(64, ge=1)
+    """Reject images whose shorter side (after EXIF rotation) is below this (too_small)."""
+    max_aspect: float = Field(4.0, ge=1.0)
+    """Reject images with long/short side above this (aspect_ratio)."""
+    caption_min_words: int = Field(1, ge=0)
+    """Reject captions with fewer words (caption_too_short)."""
+    caption_min_chars: int = Field(1, ge=0)
+    """Reject captions with fewer characters (caption_too_short)."""
+    caption_max_chars: int = Field(1000, ge=1)
+    """Reject captions longer than this after cleaning (caption_too_long)."""
+    exact_dedup: bool = True
+    """Drop exact duplicates (same decoded pixels) - the first source id in sorted order is kept."""
+    near_dedup: bool = True
+    """Drop near duplicates by perceptual hash (imagehash.phash)."""
+    phash_max_distance: int = Field(4, ge=0, le=20)
+    """Hamming distance (of 64 bits) at or below which two images are near duplicates."""
+    scorer: ScorerConfig = ScorerConfig()
+
+
+class TokenizeConfig(StrictModel):
+    """VQ tokenization per base resolution (+ optional text features)."""
+
+    vq_path: str | None = None
+    """VQ checkpoint (directory with config.json + model.safetensors, or LlamaGen .pt). Required."""
+    resolutions: list[int] = [256]
+    """Base resolutions (e.g. the curriculum's 256 and 512); each multiple of the smallest."""
+    max_ratio: float = Field(4.0, ge=1.0)
+    """Largest bucket aspect ratio (long/short)."""
+    batch_size: int = Field(16, ge=1)
+    """Images per VQ forward in a tokenizer actor."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    """Autocast dtype of the VQ encoder convs (the codebook lookup is always fp32)."""
+    text_encoder_path: str | None = None
+    """Local text encoder dir (TextEncoder.from_pretrained); writes text.npy float16 features when set."""
+    text_max_length: int = Field(120, ge=1)
+    """Maximum caption tokens for text features."""
+
+    @field_validator("resolutions")
+    @classmethod
+    def _res(cls, v: list[int]) -> list[int]:
+        if not v or any(r <= 0 for r in v):
+            raise ValueError("resolutions must be a non-empty list of positive integers")
+        v = sorted(set(v))
+        for r in v:
+            if r % v[0]:
+                raise ValueError(f"resolution {r} must be an integer multiple of the smallest ({v[0]}) "
+                                 "so buckets are scaled copies")
+        return v
+
+
+class OutputConfig(StrictModel):
+    """Where and how shards are written."""
+
+    url: str = "shards"
+    """Local directory (default) or s3://bucket/prefix."""
+    name: str = "data"
+    """Shard name prefix: {name}-000000.tar."""
+    samples_per_shard: int = Field(1000, ge=1)
+    """Accepted samples per shard (the last shard may be smaller)."""
+    thumbnail_size: int = Field(0, ge=0)
+    """Short side of an optional JPEG thumbnail per sample (0 = none)."""
+    overwrite: bool = False
+    """Delete shards written by a different config instead of refusing to mix them."""
+
+
+class RayConfig(StrictModel):
+    """Cluster and parallelism."""
+
+    address: str | None = None
+    """Join this Ray cluster (e.g. ray://host:10001 or host:6379); None = start a local one."""
+    num_cpus: int | None = None
+    """CPUs of the local Ray (None = all of this machine's)."""
+    tokenize_actors: int = Field(1, ge=1)
+    """Tokenizer actors (each loads the VQ once)."""
+    actor_num_cpus: float = Field(1.0, gt=0)
+    """CPUs reserved per tokenizer actor (also its torch thread count, rounded up)."""
+    load_num_cpus: float = Field(0.25, gt=0)
+    """CPUs per decode/resize task; fractional so tasks can still run beside the actors."""
+    scan_num_cpus: float = Field(0.5, gt=0)
+    """CPUs per scan (validate + hash) task."""
+    progress_bars: bool = False
+    """Show Ray Data's own progress bars (ours are always shown)."""
+
+
+class PrepareConfig(StrictModel):
+    """`sar-scale data prepare`: inputs -> validate/filter -> bucket -> tokenize -> shards."""
+
+    input: InputConfig = InputConfig()
+    decode: DecodeConfig = DecodeConfig()
+    filters: FilterConfig = FilterConfig()
+    tokenize: TokenizeConfig = TokenizeConfig()
+    output: OutputConfig = OutputConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> PrepareConfig:
+        if not self.input.path:
+            raise ValueError("input.path is required (a folder, manifest file or tar location)")
+        return self
+
+    def content_hash(self) -> str:
+        """Hash of everything that changes shard contents (not where they go or how fast)."""
+        data = json.loads(self.model_dump_json(exclude={"ray": True, "output": {"url", "overwrite"}}))
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
