@@ -1,0 +1,620 @@
+"""The SAR trainer: DeepSpeed ZeRO engine per curriculum stage, exact resume, MLflow on rank 0.
+
+One optimizer step = ``grad_accum`` micro-batches; every micro-batch is one bucket (the same on all
+ranks). Randomness that shapes a step (the SetPlan drawn, condition dropout, any dropout in the
+model) is seeded from (seed, stage, step, micro, rank), so a resumed run repeats it exactly; RNG
+states are checkpointed as well.
+
+Stage switch (Lumina-style): the stage-end checkpoint is written, a fresh model is loaded with its
+consolidated fp32 weights, and a new engine/optimizer/schedule starts (``optimizer_state: keep``
+restores AdamW moments from the checkpoint instead). Resume lands in the right stage at the right
+step: inside a stage everything (weights, optimizer, schedule, data position, RNG, EMA) is restored.
+Shape legend: B samples per rank, N tokens, L text tokens, D text width, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import math
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sar_scale.checkpoint.manager import (
+    EMA_FILE,
+    CheckpointManager,
+    read_rng,
+    read_train_state,
+    set_rng_state,
+)
+from sar_scale.config import ConfigError
+from sar_scale.data.loader import DataPosition, ShardIndex, StageStream
+from sar_scale.distributed import comm, faults
+from sar_scale.distributed.ds_config import deepspeed_config, resolve_precision
+from sar_scale.distributed.env import DistEnv, set_cpu_threads
+from sar_scale.distributed.init import destroy_distributed, init_distributed, resolve_device
+from sar_scale.training.config import TrainConfig
+from sar_scale.training.redact import collect_secret_values, install_log_filter, redact_obj
+from sar_scale.training.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+def mix_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (SeedSequence hashing: nearby inputs give unrelated streams)."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(2, np.uint64)[0]
+               >> np.uint64(1))
+
+
+def train_flops_per_sample(model_cfg, n_tokens: int, n_cond: int, n_params: int, n_embed: int) -> float:
+    """Approximate training FLOPs for one sample: 6 x (non-embedding params) x tokens plus attention.
+
+    Attention (QK^T and AV, masked but computed densely by SDPA), forward = 4*S_q*S_k*d per layer;
+    training = 3x forward. An estimate for the MFU metric, not an exact count.
+    """
+    d = model_cfg.width
+    s_enc = n_cond + n_tokens
+    attn_fwd = 4 * d * (model_cfg.enc_layers * s_enc * s_enc
+                        + model_cfg.dec_layers * (n_tokens * n_tokens + n_tokens * s_enc))
+    return 6.0 * (n_params - n_embed) * n_tokens + 3.0 * attn_fwd
+
+
+@dataclass
+class TrainResult:
+    global_step: int
+    last_loss: float | None
+    run_dir: Path
+    mlflow_run_id: str | None
+    last_checkpoint: Path | None
+    rank: int = 0
+
+
+class _Status:
+    """Per-rank status file (state, step, heartbeat): lets a survivor name the rank that died."""
+
+    def __init__(self, run_dir: Path, denv: DistEnv, every_s: float = 15.0):
+        self.path = run_dir / "status" / f"rank{denv.rank}.json"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.denv, self.every_s, self._last = denv, every_s, 0.0
+        self.base = {"rank": denv.rank, "host": socket.gethostname(), "pid": os.getpid()}
+
+    def write(self, state: str, step: int, force: bool = False, **extra: Any) -> None:
+        now = time.time()
+        if not force and now - self._last < self.every_s:
+            return
+        self._last = now
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({**self.base, "state": state, "step": step, "time": now, **extra}))
+        os.replace(tmp, self.path)
+
+
+def diagnose_peers(run_dir: Path, world: int, me: int) -> str:
+    """Which other ranks look dead (process gone on this host, failed, or silent): for error messages."""
+    notes = []
+    host = socket.gethostname()
+    for r in range(world):
+        if r == me:
+            continue
+        p = run_dir / "status" / f"rank{r}.json"
+        try:
+            st = json.loads(p.read_text())
+        except (OSError, ValueError):
+            notes.append(f"rank {r}: no status file")
+            continue
+        if st.get("state") == "failed":
+            notes.append(f"rank {r}: failed ({st.get('error', '?')})")
+        elif st.get("state") == "running" and st.get("host") == host:
+            try:
+                os.kill(int(st["pid"]), 0)
+            except ProcessLookupError:
+                notes.append(f"rank {r}: process {st['pid']} on {host} is gone (killed?) at step {st.get('step')}")
+            except PermissionError:
+                pass
+        elif st.get("state") == "running":
+            notes.append(f"rank {r}: last heartbeat {time.time() - st.get('time', 0):.0f}s ago on {st.get('host')}")
+    return "; ".join(notes)
+
+
+class Trainer:
+    """Runs a whole :class:`TrainConfig` on this process's rank. Construct and call :meth:`run`."""
+
+    def __init__(self, cfg: TrainConfig, resume: str = "auto", ds_override: dict[str, Any] | None = None):
+        if resume not in ("auto", "none") and not Path(resume).exists():
+            raise ConfigError(f"--resume {resume!r}: use auto, none or an existing checkpoint folder")
+        self.cfg = cfg
+        self.resume = resume
+        self.ds_override = ds_override
+        self.run_dir = Path(cfg.run_dir)
+        self.secrets = collect_secret_values(cfg.model_dump()) + collect_secret_values(ds_override or {})
+
+    # ------------------------------------------------------------------ setup helpers
+    def _setup_logging(self) -> None:
+        log_dir = self.run_dir / "logs"
+        log_dir.mkdir(parents=True, exist_ok=True)
+        root = logging.getLogger()
+        fh = logging.FileHandler(log_dir / f"rank{self.denv.rank}.log")
+        fh.setFormatter(logging.Formatter(f"%(asctime)s rank{self.denv.rank} %(levelname)s %(name)s: %(message)s"))
+        root.addHandler(fh)
+        if not root.level or root.level > logging.INFO:
+            root.setLevel(logging.INFO)
+        if self.denv.rank != 0:  # one console voice; other ranks still log everything to their file
+            for h in root.handlers:
+                if h is not fh and isinstance(h, logging.StreamHandler):
+                    h.setLevel(logging.WARNING)
+        self._log_handler = fh
+        install_log_filter(self.secrets)
+        for noisy in ("DeepSpeed", "deepspeed", "torch.distributed"):
+            logging.getLogger(noisy).setLevel(logging.WARNING)
+
+    def _resolved_config(self) -> dict[str, Any]:
+        return redact_obj(self.cfg.model_dump(mode="json"), self.secrets)
+
+    def _cond_mode(self, index_text_features: bool) -> str:
+        mode = self.cfg.data.cond
+        if mode == "auto":
+            if self.model_cfg.cond == "class":
+                return "class"
+            return "text_features" if index_text_features else "text_encoder"
+        if (mode == "class") != (self.model_cfg.cond == "class"):
+            raise ConfigError(f"data.cond={mode} does not fit model cond={self.model_cfg.cond!r} "
+                              f"(model.name={self.cfg.model.name})")
+        return mode
+
+    def _build_model(self):
+        from sar_scale.models import build_model
+
+        torch.manual_seed(self.cfg.seed)  # identical init on every rank (ZeRO-3 partitions its own copy)
+        model = build_model(self.cfg.model.name, **self.cfg.model.overrides)
+        if self.cfg.model.activation_checkpointing:
+            model.enable_activation_checkpointing()
+        return model
+
+    def _param_groups(self, model) -> list[dict[str, Any]]:
+        decay, no_decay = [], []
+        for _, p in model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (decay if p.ndim >= 2 or self.cfg.optim.decay_1d else no_decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.cfg.optim.weight_decay}]
+        if no_decay:
+            groups.append({"params": no_decay, "weight_decay": 0.0})
+        return groups
+
+    def _scheduler(self, optimizer, stage: int):
+        from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+        warm = self.cfg.stage_warmup(stage)
+        total = self.cfg.curriculum.stages[stage].steps
+        if self.cfg.stage_schedule(stage) == "cosine":
+            return get_cosine_schedule_with_warmup(optimizer, warm, max(total, warm + 1))
+        return get_constant_schedule_with_warmup(optimizer, warm)
+
+    # ------------------------------------------------------------------ weights
+    @staticmethod
+    def load_consolidated(ckpt: Path) -> dict[str, torch.Tensor]:
+        """Full fp32 weights of a (verified) checkpoint, any ZeRO stage, for a new stage's model.
+
+        ZeRO 1-3: DeepSpeed's ``zero_to_fp32`` (the fp32 master weights). ZeRO-0 keeps full weights in
+        ``mp_rank_00_model_states.pt``; DeepSpeed's format needs ``weights_only=False``, which is
+        acceptable only because the checkpoint's checksums were verified (our own files).
+        """
+        state = read_train_state(ckpt)
+        if int(state.get("zero_stage", 0)) > 0:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        else:
+            blob = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            sd = blob["module"]
+        return {k: v.float() for k, v in sd.items()}
+
+    # ------------------------------------------------------------------ main
+    def run(self) -> TrainResult:
+        from sar_scale.distributed.env import get_dist_env
+
+        cfg = self.cfg
+        set_cpu_threads(get_dist_env())
+        self.denv = init_distributed(cfg.deepspeed.backend, cfg.device, cfg.deepspeed.timeout_s)
+        self.device = torch.device(resolve_device(cfg.device))
+        if self.device.type == "cuda":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.precision = resolve_precision(cfg.deepspeed.precision, self.device.type)
+        if self.denv.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        comm.barrier()
+        self._setup_logging()
+        self.status = _Status(self.run_dir, self.denv)
+        self.status.write("starting", 0, force=True)
+        self.tracker: Tracker | None = None
+        try:
+            result = self._run()
+        except BaseException as e:
+            peers = diagnose_peers(self.run_dir, self.denv.world_size, self.denv.rank)
+            msg = f"{type(e).__name__}: {e}"[:2000]
+            self.status.write("failed", getattr(self, "global_step", 0), force=True, error=msg, peers=peers)
+            logger.error("rank %d failed: %s%s", self.denv.rank, msg, f" | peers: {peers}" if peers else "")
+            if self.tracker is not None:
+                try:
+                    self.tracker.set_tags({"failure": msg[:500], "failure.peers": peers[:500]})
+                    self.tracker.end("FAILED")
+                except Exception:  # noqa: BLE001 - best effort while failing
+                    pass
+            raise
+        self.status.write("finished", result.global_step, force=True)
+        destroy_distributed()
+        logging.getLogger().removeHandler(self._log_handler)
+        self._log_handler.close()
+        return result
+
+    def _run(self) -> TrainResult:
+        from sar_scale.models import get_config
+
+        cfg, denv = self.cfg, self.denv
+        self.model_cfg = get_config(cfg.model.name, **cfg.model.overrides)
+        ckpt_root = Path(cfg.checkpoint.dir) if cfg.checkpoint.dir else self.run_dir / "checkpoints"
+        self.ckpt = CheckpointManager(ckpt_root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_stage_ends,
+                                      cfg.checkpoint.mirror_url)
+        if denv.rank == 0:
+            dump_config_redacted(self._resolved_config(), self.run_dir / "config.yaml")
+        resume_path = self.ckpt.find_resume(self.resume)
+        state: dict[str, Any] | None = None
+        if resume_path is not None:
+            state = read_train_state(resume_path)
+            self.ckpt.retire_after(int(state["global_step"]))
+            logger.info("resuming from %s (global step %d, stage %s)", resume_path, state["global_step"],
+                        state.get("stage_name"))
+        elif self.resume == "auto" and denv.rank == 0:
+            logger.info("no checkpoint to resume from under %s: starting fresh", ckpt_root)
+
+        # MLflow: rank 0 only, same run across resumes
+        self.tracker = Tracker(denv.rank == 0 and cfg.mlflow.enabled, self.run_dir, cfg.mlflow.tracking_uri,
+                               cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.mlflow.system_metrics)
+        run_id = self.tracker.start((state or {}).get("mlflow_run_id"), self._resolved_config(),
+                                    tags={"world_size": denv.world_size, "launcher": denv.launcher,
+                                          "zero_stage": cfg.deepspeed.zero_stage, "precision": self.precision,
+                                          "device": self.device.type, "run_dir": str(self.run_dir.resolve())})
+        self.mlflow_run_id = comm.broadcast_object(run_id)
+
+        # where to start
+        stages = cfg.curriculum.stages
+        self.global_step = 0
+        start_stage, start_step, position = 0, 0, DataPosition()
+        init_from: Path | None = None  # weights for a fresh stage start
+        resume_inside: Path | None = None
+        if state is not None:
+            self.global_step = int(state["global_step"])
+            start_stage = int(state["stage"])
+            if start_stage >= len(stages):
+                raise ConfigError(f"checkpoint {resume_path} is at stage {start_stage}, the config has only "
+                                  f"{len(stages)} stages")
+            if state.get("stage_complete"):
+                start_stage += 1
+                init_from = resume_path
+            else:
+                start_step = int(state["step_in_stage"])
+                position = DataPosition(**{k: int(state["data"][k]) for k in ("epoch", "step")})
+                resume_inside = resume_path
+        self.last_loss: float | None = None
+        last_ckpt: Path | None = resume_path
+        for si in range(start_stage, len(stages)):
+            last_ckpt = self._run_stage(si, start_step if si == start_stage else 0,
+                                        position if si == start_stage else DataPosition(),
+                                        init_from, resume_inside if si == start_stage else None) or last_ckpt
+            init_from, resume_inside = last_ckpt, None
+        self.ckpt.close()
+        if self.tracker is not None:
+            self.tracker.end("FINISHED")
+        comm.barrier()
+        return TrainResult(self.global_step, self.last_loss, self.run_dir, self.mlflow_run_id, last_ckpt, denv.rank)
+
+    # ------------------------------------------------------------------ one stage
+    def _run_stage(self, si: int, start_step: int, position: DataPosition, init_from: Path | None,
+                   resume_from: Path | None) -> Path | None:
+        import deepspeed
+
+        cfg, denv = self.cfg, self.denv
+        st = cfg.curriculum.stages[si]
+        if start_step >= st.steps:
+            return None
+        url = cfg.stage_data_url(si)
+        index = ShardIndex(url, threads=cfg.data.index_threads)
+        stream = StageStream(
+            url, st.resolution, denv.rank, denv.world_size, cfg.seed, si,
+            cond=self._cond_mode(index.text_features), micro_batch=st.micro_batch,
+            tokens_per_batch=st.tokens_per_batch, position=position, class_field=cfg.data.class_field,
+            max_text_len=self.model_cfg.max_text_len, vocab_size=self.model_cfg.vocab_size,
+            num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
+            last_batch=cfg.data.last_batch, index=index)
+        self.text_encoder = None
+        if stream.cond == "text_encoder":
+            from sar_scale.tokenizers.text import TextEncoder
+
+            if not cfg.data.text_encoder:
+                raise ConfigError("data.text_encoder: a local TextEncoder directory is needed "
+                                  "(the shards have no text features)")
+            self.text_encoder = TextEncoder.from_pretrained(cfg.data.text_encoder,
+                                                            max_length=self.model_cfg.max_text_len)
+            self.text_encoder.to(self.device).eval()
+            if self.text_encoder.dim != self.model_cfg.text_dim:
+                raise ConfigError(f"data.text_encoder has width {self.text_encoder.dim}, model text_dim is "
+                                  f"{self.model_cfg.text_dim}")
+
+        # model (+ previous stage's weights), optimizer, schedule, engine
+        model = self._build_model()
+        keep_opt = init_from is not None and st.optimizer_state == "keep" and resume_from is None
+        if init_from is not None and resume_from is None and not keep_opt:
+            model.load_state_dict(self.load_consolidated(init_from))
+            logger.info("stage %s starts from the weights of %s", st.name, init_from)
+        mb = stream.nominal_micro_batch()
+        ds_cfg = deepspeed_config(cfg, denv.world_size, si, mb, self.device.type, self.ds_override)
+        if denv.rank == 0:
+            (self.run_dir / f"ds_config.{st.name}.json").write_text(
+                json.dumps(redact_obj(ds_cfg, self.secrets), indent=1))
+        groups = self._param_groups(model)
+        if cfg.deepspeed.offload_optimizer != "none":
+            engine, optimizer, _, sched = deepspeed.initialize(
+                model=model, model_parameters=groups, config=ds_cfg,
+                lr_scheduler=lambda opt: self._scheduler(opt, si))
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=cfg.stage_lr(si), betas=cfg.optim.betas,
+                                          eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+            sched = self._scheduler(optimizer, si)
+            engine, optimizer, _, sched = deepspeed.initialize(model=model, optimizer=optimizer,
+                                                               lr_scheduler=sched, config=ds_cfg)
+        ema = None
+        if cfg.ema.enabled:
+            from sar_scale.training.ema import EMA
+
+            ema = EMA(engine.module, cfg.ema.decay)
+
+        src = resume_from or (init_from if keep_opt else None)
+        if src is not None:
+            same_world = int(read_train_state(src).get("world_size", denv.world_size)) == denv.world_size
+            if resume_from is not None and not same_world:
+                raise ConfigError(
+                    f"checkpoint {src} was written by {read_train_state(src)['world_size']} ranks, this job "
+                    f"has {denv.world_size}: DeepSpeed ZeRO states are per rank. Convert it with "
+                    "`python -m deepspeed.checkpoint.ds_to_universal` or resume with the same world size.")
+            engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
+                                   load_lr_scheduler_states=resume_from is not None)
+            if resume_from is None:  # kept moments, fresh schedule: re-apply this stage's lr
+                for g, lr in zip(optimizer.param_groups, sched.get_last_lr()):
+                    g["lr"] = lr
+            rng = read_rng(src, denv.rank) if resume_from is not None else None
+            if rng is not None:
+                set_rng_state(rng)
+        if ema is not None and (src or init_from) is not None and ((src or init_from) / EMA_FILE).is_file():
+            from safetensors.torch import load_file
+
+            ema.load_full_state_dict(load_file(str((src or init_from) / EMA_FILE)))
+        if resume_from is not None:
+            logger.info("resumed stage %s at step %d/%d, data epoch %d step %d", st.name, start_step, st.steps,
+                        position.epoch, position.step)
+        return self._loop(si, engine, optimizer, sched, stream, ema, start_step)
+
+    def _loop(self, si: int, engine, optimizer, sched, stream: StageStream, ema, start_step: int) -> Path | None:
+        from tqdm import tqdm
+
+        from sar_scale.sar import Condition, PlanSampler, set_ar_loss
+
+        cfg, denv = self.cfg, self.denv
+        st = cfg.curriculum.stages[si]
+        ga = engine.gradient_accumulation_steps()
+        sampler = PlanSampler(cfg.plan)
+        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
+        n_embed = sum(m.weight.numel() for m in engine.module.modules() if isinstance(m, torch.nn.Embedding))
+        order_file = None
+        if cfg.log_data_order:
+            (self.run_dir / "data_order").mkdir(parents=True, exist_ok=True)
+            order_file = open(self.run_dir / "data_order" / f"rank{denv.rank}.jsonl", "a")  # noqa: SIM115
+        metrics_file = open(self.run_dir / "metrics.jsonl", "a") if denv.rank == 0 else None  # noqa: SIM115
+        it = iter(stream)
+        last_ckpt: Path | None = None
+        bar = tqdm(total=st.steps, initial=start_step, desc=f"stage {st.name} ({st.resolution}px)",
+                   disable=denv.rank != 0, dynamic_ncols=True)
+        engine.train()
+        try:
+            for step_in_stage in range(start_step, st.steps):
+                t0 = time.perf_counter()
+                wait = 0.0
+                micro_losses, tokens, samples, flops = [], 0, 0, 0.0
+                buckets: list[str] = []
+                lr = float(optimizer.param_groups[0]["lr"])
+                for micro in range(ga):
+                    tw = time.perf_counter()
+                    batch = next(it)
+                    wait += time.perf_counter() - tw
+                    seed = mix_seed(cfg.seed, si, step_in_stage, micro, denv.rank)
+                    torch.manual_seed(seed)
+                    gen = torch.Generator().manual_seed(seed)
+                    tokens_BN = batch["tokens"].to(self.device, non_blocking=True)
+                    b, n = tokens_BN.shape
+                    cond = self._condition(batch, Condition)
+                    cond = cond.dropped(self.model_cfg.cond_dropout, generator=gen)
+                    plan = sampler.draw(batch["grid"], b, gen)
+                    logits_BNV = engine(tokens_BN, cond, plan)
+                    loss = set_ar_loss(logits_BNV, tokens_BN)
+                    engine.backward(loss)
+                    engine.step()
+                    micro_losses.append(float(loss.detach()))
+                    tokens += b * n
+                    samples += b
+                    n_cond = 1 if self.model_cfg.cond == "class" else 1 + (cond.text.shape[1] if cond.text is not None else 0)
+                    flops += b * train_flops_per_sample(self.model_cfg, n, n_cond, n_params, n_embed)
+                    buckets.append(f"{batch['grid'][0]}x{batch['grid'][1]}")
+                    if order_file is not None:
+                        order_file.write(json.dumps({"global_step": self.global_step + 1, "stage": si,
+                                                     "micro": micro, "epoch": batch["epoch"],
+                                                     "pos": batch["step"], "keys": batch["keys"]}) + "\n")
+                if ema is not None and (self.global_step + 1) % cfg.ema.every == 0:
+                    ema.update()
+                self.global_step += 1
+                # one collective for the metrics of the step: micro losses, tokens, samples, flops
+                red = comm.all_reduce_sum([*micro_losses, tokens, samples, flops])
+                w = denv.world_size
+                step_losses = [x / w for x in red[:ga]]
+                loss_v = sum(step_losses) / ga
+                if not math.isfinite(loss_v):
+                    raise FloatingPointError(f"loss is {loss_v} at global step {self.global_step} (stage {st.name})")
+                self.last_loss = loss_v
+                dt = time.perf_counter() - t0
+                gn = engine.get_global_grad_norm()
+                gn = float(gn) if gn is not None else None
+                if order_file is not None:
+                    order_file.flush()
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}")
+                self.status.write("running", self.global_step)
+                if self.global_step % cfg.log_every == 0 or step_in_stage == st.steps - 1:
+                    m = {"loss": loss_v, "lr": lr, "grad_norm": gn, "stage": si, "resolution": st.resolution,
+                         "step_time_s": dt, "data_wait_s": wait, "tokens_per_s": red[ga] / dt,
+                         "samples_per_s": red[ga + 1] / dt, "flops_per_s": red[ga + 2] / dt,
+                         f"loss/{st.name}": loss_v}
+                    if cfg.mlflow.peak_flops:
+                        m["mfu"] = red[ga + 2] / dt / (cfg.mlflow.peak_flops * w)
+                    for bk, lv in zip(buckets, step_losses):
+                        m[f"loss/bucket_{bk}"] = lv
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps({"step": self.global_step, "stage_name": st.name,
+                                                       "step_in_stage": step_in_stage + 1, "buckets": buckets,
+                                                       "micro_losses": step_losses, **m}) + "\n")
+                        metrics_file.flush()
+                    if self.global_step % cfg.mlflow.log_every == 0 or step_in_stage == st.steps - 1:
+                        self.tracker.log_metrics(m, self.global_step)
+                faults.maybe_fire("after_step", self.global_step)
+                stage_end = step_in_stage == st.steps - 1
+                every = cfg.checkpoint.every_steps
+                if stage_end or (every and self.global_step % every == 0):
+                    last_ckpt = self._save(engine, ema, si, step_in_stage + 1, stream.position, stage_end)
+            bar.close()
+            if self.cfg.mlflow.vq_path:
+                self._log_samples(engine, stream, si)
+        finally:
+            bar.close()
+            if hasattr(it, "close"):
+                it.close()
+            if order_file is not None:
+                order_file.close()
+            if metrics_file is not None:
+                metrics_file.close()
+        del engine, optimizer, sched
+        gc.collect()
+        return last_ckpt
+
+    def _condition(self, batch: dict[str, Any], Condition):
+        if "class_ids" in batch:
+            return Condition(class_ids=batch["class_ids"].to(self.device))
+        if "text" in batch:
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            return Condition(text=batch["text"].to(self.device, dtype), text_mask=batch["text_mask"].to(self.device))
+        with torch.no_grad():
+            emb_BLD, mask_BL = self.text_encoder(batch["captions"])
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        return Condition(text=emb_BLD.to(self.device, dtype), text_mask=mask_BL.to(self.device))
+
+    def _save(self, engine, ema, si: int, step_in_stage: int, position: DataPosition, stage_end: bool) -> Path:
+        cfg, denv = self.cfg, self.denv
+        st = cfg.curriculum.stages[si]
+        if stage_end:
+            position = DataPosition()
+        train_state = {
+            "global_step": self.global_step, "stage": si, "stage_name": st.name,
+            "step_in_stage": step_in_stage, "stage_complete": stage_end,
+            "data": {**position.as_dict(), "resolution": st.resolution, "world_size": denv.world_size,
+                     "seed": cfg.seed},
+            "world_size": denv.world_size, "zero_stage": cfg.deepspeed.zero_stage, "precision": self.precision,
+            "mlflow_run_id": self.mlflow_run_id, "last_loss": self.last_loss,
+            "config": self._resolved_config(),
+            "versions": _versions(),
+        }
+        ema_sd = ema.full_state_dict() if ema is not None else None
+        path = self.ckpt.save(engine, self.global_step, train_state, ema_sd)
+        if self.tracker is not None:
+            tags = {"checkpoint.latest": str(path.resolve())}
+            if cfg.checkpoint.mirror_url:
+                tags["checkpoint.mirror"] = cfg.checkpoint.mirror_url
+            if stage_end:
+                tags[f"checkpoint.stage_end.{st.name}"] = str(path.resolve())
+            self.tracker.set_tags(tags)
+        return path
+
+    def _log_samples(self, engine, stream: StageStream, si: int) -> None:
+        """Sample a small grid with the current weights, decode with the VQ, log it to MLflow (rank 0).
+
+        Under ZeRO-3 the weights are gathered first (collective); sampling itself runs on rank 0.
+        """
+        from sar_scale.sar import Condition, SetPlan, sample
+
+        cfg = self.cfg
+        st = cfg.curriculum.stages[si]
+        zero3 = cfg.deepspeed.zero_stage == 3
+        full_sd = engine._zero3_consolidated_16bit_state_dict() if zero3 else None
+        if self.denv.rank == 0:
+            from PIL import Image
+
+            from sar_scale.tokenizers.vq import load_vq
+
+            if zero3:
+                model = self._build_model().to(self.device)
+                model.load_state_dict({k: v.float() for k, v in full_sd.items()})
+            else:
+                model = engine.module
+            reader = stream.reader(0)
+            reader.rank, reader.world = 0, 1  # the whole first global batch, read by rank 0 alone
+            batch = reader[0]
+            k = min(cfg.mlflow.sample_count, len(batch["keys"]))
+            batch = _slice_batch(batch, k)
+            cond = self._condition(batch, Condition)
+            grid = batch["grid"]
+            plan = SetPlan.build(grid, order="random", num_sets=min(cfg.mlflow.sample_num_sets, grid[0] * grid[1]),
+                                 intervals="cosine", seed=cfg.seed)
+            gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
+            tokens_BN = sample(model, cond, plan, cfg_scale=cfg.mlflow.sample_cfg_scale, generator=gen)
+            vq = load_vq(cfg.mlflow.vq_path).to(self.device).eval()
+            with torch.no_grad():
+                img_B3HW = vq.decode(tokens_BN.view(k, grid[0], grid[1]))
+            img = ((img_B3HW.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+            canvas = Image.new("RGB", (img.shape[2] * k, img.shape[1]))
+            for i in range(k):
+                canvas.paste(Image.fromarray(img[i]), (i * img.shape[2], 0))
+            name = f"samples/{st.name}_step{self.global_step:08d}"
+            self.tracker.log_image(canvas, f"{name}.png")
+            self.tracker.log_text("\n".join(batch["captions"]), f"{name}.txt")
+            logger.info("logged sample grid %s.png (%d images, %dx%d tokens)", name, k, grid[0], grid[1])
+        comm.barrier()
+
+
+def _slice_batch(batch: dict[str, Any], k: int) -> dict[str, Any]:
+    out = {}
+    for key, v in batch.items():
+        out[key] = v[:k] if isinstance(v, (list, torch.Tensor)) else v
+    return out
+
+
+def _versions() -> dict[str, str]:
+    import deepspeed
+
+    import sar_scale
+
+    return {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "sar_scale": sar_scale.__version__}
+
+
+def dump_config_redacted(data: dict[str, Any], path: Path) -> Path:
+    """Write an already-redacted resolved config dict as YAML (dump_config takes a model, we have a dict)."""
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+__all__ = ["TrainResult", "Trainer", "diagnose_peers", "mix_seed", "train_flops_per_sample"]
