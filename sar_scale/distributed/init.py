@@ -11,6 +11,9 @@ from sar_scale.distributed.env import DistEnv, export_torch_env, free_port, get_
 
 logger = logging.getLogger(__name__)
 
+_TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+_EXPORTED: list[str] = []
+
 
 def default_extensions_dir() -> str:
     """Where DeepSpeed's JIT-built ops are cached: built once (~40 s), then reused by every run."""
@@ -48,8 +51,10 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     denv = get_dist_env()
     if denv.launcher == "none":
-        # A bare process: a private single-rank group on a free loopback port.
+        # A bare process: a private single-rank group on a free loopback port; the variables we
+        # export for env:// are removed again by destroy_distributed().
         denv = DistEnv(master_port=free_port(), launcher="none")
+        _EXPORTED[:] = [k for k in _TORCH_VARS if k not in os.environ]
     export_torch_env(denv)
     device_type = resolve_device(device)
     be = resolve_backend(backend, device_type)
@@ -67,8 +72,33 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
     return denv
 
 
+def _reset_deepspeed_groups() -> None:
+    """Forget DeepSpeed's cached sub-groups of the destroyed world group.
+
+    DeepSpeed caches process groups in module globals and offers no reset; without this a second
+    training run in the same process (tests, notebooks, benchmarks) fails with "Group ... is not
+    registered". We only clear caches that DeepSpeed rebuilds lazily.
+    """
+    try:
+        from deepspeed.utils import groups
+    except ImportError:  # pragma: no cover - deepspeed is a hard dependency
+        return
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()
+
+
 def destroy_distributed() -> None:
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    _reset_deepspeed_groups()
+    for k in _EXPORTED:
+        os.environ.pop(k, None)
+    _EXPORTED.clear()

@@ -97,7 +97,8 @@ def install_log_filter(extra_secrets: list[str] | None = None) -> SecretFilter:
     """Attach a :class:`SecretFilter` to the root logger's handlers (and the root logger itself)."""
     f = SecretFilter(extra_secrets)
     root = logging.getLogger()
-    root.addFilter(f)
-    for h in root.handlers:
-        h.addFilter(f)
+    for target in [root, *root.handlers]:
+        for old in [x for x in target.filters if isinstance(x, SecretFilter)]:
+            target.removeFilter(old)
+        target.addFilter(f)
     return f

@@ -78,7 +78,8 @@ class Tracker:
                 logger.warning("could not reattach to MLflow run %s (%s); starting a new run", run_id,
                                redact_text(str(e)))
         if run is None:
-            run = mlflow.start_run(experiment_id=exp_id, run_name=self.run_name,
+            run_name = redact_text(self.run_name) if self.run_name else None
+            run = mlflow.start_run(experiment_id=exp_id, run_name=run_name,
                                    log_system_metrics=self.system_metrics)
         self.run_id = run.info.run_id
         (self.run_dir / RUN_ID_FILE).write_text(self.run_id)

@@ -237,6 +237,7 @@ class Trainer:
         self.tracker: Tracker | None = None
         try:
             result = self._run()
+            self.status.write("finished", result.global_step, force=True)
         except BaseException as e:
             peers = diagnose_peers(self.run_dir, self.denv.world_size, self.denv.rank)
             msg = f"{type(e).__name__}: {e}"[:2000]
@@ -249,10 +250,10 @@ class Trainer:
                 except Exception:  # noqa: BLE001 - best effort while failing
                     pass
             raise
-        self.status.write("finished", result.global_step, force=True)
-        destroy_distributed()
-        logging.getLogger().removeHandler(self._log_handler)
-        self._log_handler.close()
+        finally:
+            destroy_distributed()
+            logging.getLogger().removeHandler(self._log_handler)
+            self._log_handler.close()
         return result
 
     def _run(self) -> TrainResult:
