@@ -1,0 +1,98 @@
+"""Detached supervisor of one local job: starts its node processes, waits, records the outcome.
+
+``python -m cluster.local_runner JOB_DIR`` reads ``JOB_DIR/plan.json`` (written by the local
+backend), starts one process per "node" (a torchrun agent, or the plain command), each logging to
+``JOB_DIR/node{i}.log``, and keeps ``JOB_DIR/state.json`` current. Hand-written because torchrun
+itself does not outlive the shell that started it or leave its exit status anywhere readable:
+this process is a session leader, so ``jobs cancel`` signals the whole process group, and
+``jobs status`` reads the recorded exit codes after the fact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from cluster.registry import write_json_atomic
+
+GRACE_S = 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(job_dir: Path) -> int:
+    plan = json.loads((job_dir / "plan.json").read_text())
+    state_path = job_dir / "state.json"
+    port = str(_free_port())
+    env = dict(os.environ)
+    env.update(plan.get("env", {}))
+    env["SAR_SCALE_JOB_ID"] = plan["job_id"]
+    cancelled = False
+
+    def _on_term(signum, frame):  # noqa: ARG001 - signal handler signature
+        nonlocal cancelled
+        cancelled = True
+
+    signal.signal(signal.SIGTERM, _on_term)
+    signal.signal(signal.SIGINT, _on_term)
+
+    procs: list[subprocess.Popen] = []
+    logs = []
+    for i, node in enumerate(plan["nodes"]):
+        argv = [a.replace("{rdzv_port}", port) for a in node["argv"]]
+        log = open(job_dir / node["log"], "ab")  # noqa: SIM115 - closed below
+        logs.append(log)
+        procs.append(subprocess.Popen(argv, cwd=plan["workdir"], env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+        print(f"node {i}: pid {procs[-1].pid}: {' '.join(argv)}", flush=True)
+    state = {"state": "RUNNING", "pid": os.getpid(), "started_at": time.time(), "rdzv_port": int(port),
+             "nodes": [{"pid": p.pid, "log": n["log"]} for p, n in zip(procs, plan["nodes"])]}
+    write_json_atomic(state_path, state)
+
+    failed_at: float | None = None
+    while True:
+        codes = [p.poll() for p in procs]
+        if all(c is not None for c in codes):
+            break
+        bad = any(c not in (None, 0) for c in codes)
+        if (cancelled or bad) and failed_at is None:
+            # One node failed (or a cancel): stop the others, as torchrun does for its workers.
+            failed_at = time.time()
+            for p in procs:
+                if p.poll() is None:
+                    p.terminate()
+        if failed_at is not None and time.time() - failed_at > GRACE_S:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        time.sleep(0.2)
+    for log in logs:
+        log.close()
+    codes = [p.returncode for p in procs]
+    final = "CANCELLED" if cancelled else ("SUCCEEDED" if all(c == 0 for c in codes) else "FAILED")
+    state.update(state=final, exit_codes=codes, ended_at=time.time())
+    write_json_atomic(state_path, state)
+    print(f"job {plan['job_id']}: {final} (exit codes {codes})", flush=True)
+    return 0 if final == "SUCCEEDED" else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m cluster.local_runner JOB_DIR", file=sys.stderr)
+        return 2
+    return run(Path(args[0]))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
