@@ -219,6 +219,7 @@ def scan_tar(root: str, key: str):
         order.clear()
 
     try:
+        total = st.size(key)
         with st.open_read(key) as f, tarfile.open(fileobj=f, mode="r|") as tf:
             for ti in tf:
                 name = ti.name
@@ -240,8 +241,21 @@ def scan_tar(root: str, key: str):
                 groups[skey]["members"][ext] = [ti.offset_data, ti.size]
                 if ext in ("txt", "json", *TAR_IMAGE_EXTS):  # read into memory; never extracted
                     fobj = tf.extractfile(ti)
-                    groups[skey]["data"][ext] = fobj.read() if fobj else b""
+                    try:
+                        data = fobj.read() if fobj else b""
+                    except (tarfile.TarError, EOFError, OSError):
+                        data = b""
+                    if len(data) != ti.size:  # cut inside a member (short reads can be silent)
+                        del groups[skey]
+                        order.remove(skey)
+                        yield "reject", {"source_id": f"{key}/{skey}", "reason": "truncated",
+                                         "detail": f"member {name}: {len(data)} of {ti.size} bytes"}
+                        raise tarfile.ReadError(f"unexpected end of data in member {name}")
+                    groups[skey]["data"][ext] = data
             yield from flush()
+            # tarfile ends silently at a cut header; a complete tar has a 2-block end marker
+            if total - tf.offset < 2 * tarfile.BLOCKSIZE:
+                raise tarfile.ReadError(f"no end-of-archive marker after byte {tf.offset} (truncated tar?)")
     except (tarfile.TarError, EOFError, OSError, StorageError) as e:
         yield from flush()
         yield "reject", {"source_id": key, "reason": "corrupt_tar", "detail": f"{type(e).__name__}: {e}"[:160]}
