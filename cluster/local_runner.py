@@ -37,6 +37,11 @@ def run(job_dir: Path) -> int:
     env = dict(os.environ)
     env.update(plan.get("env", {}))
     env["SAR_SCALE_JOB_ID"] = plan["job_id"]
+    if plan.get("ranks") and "OMP_NUM_THREADS" not in env:
+        # Every rank of every local "node" shares this machine: split its cores (oversubscribing
+        # halves step speed on CPU).
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        env["OMP_NUM_THREADS"] = str(max(1, cores // plan["ranks"]))
     cancelled = False
 
     def _on_term(signum, frame):  # noqa: ARG001 - signal handler signature

@@ -34,13 +34,9 @@ def launch_plan(spec: JobSpec) -> dict:
                   "log": f"node{i}.log"} for i in range(spec.nodes)]
     else:
         nodes = [{"argv": sar_argv(spec), "log": "node0.log"}]
-    env = spec.profile.job_env()
-    if spec.distributed:
-        # Each rank gets an equal share of this machine's cores (2x faster than oversubscribing).
-        cores = os.cpu_count() or 1
-        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // (spec.nodes * spec.nproc_per_node))))
-    return {"job_id": spec.job_id, "workdir": spec.profile.workdir or os.getcwd(), "env": env,
-            "secret_env": list(spec.profile.secret_env), "nodes": nodes}
+    return {"job_id": spec.job_id, "workdir": spec.profile.workdir or os.getcwd(), "env": spec.profile.job_env(),
+            "secret_env": list(spec.profile.secret_env), "nodes": nodes,
+            "ranks": spec.nodes * spec.nproc_per_node if spec.distributed else 0}
 
 
 class LocalBackend(Backend):
