@@ -66,10 +66,27 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
         deepspeed.init_distributed(dist_backend=be, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout_s), init_method="env://",
                                    rank=denv.rank, world_size=denv.world_size)
+    _bound_deepspeed_world_group(timeout_s)
     logger.info("rank %d/%d (local %d/%d, node %d) via %s, backend %s, collective timeout %.0fs",
                 denv.rank, denv.world_size, denv.local_rank, denv.local_world_size, denv.node_rank,
                 denv.launcher, be, timeout_s)
     return denv
+
+
+def _bound_deepspeed_world_group(timeout_s: float) -> None:
+    """Give DeepSpeed's data-parallel group our collective timeout.
+
+    DeepSpeed clones the world group with ``dist.new_group`` and no timeout, which means torch's
+    30-minute default: a hung peer then stalls ZeRO's gradient reduction for half an hour
+    regardless of the timeout we passed to init. Creating the clone ourselves (DeepSpeed only
+    creates it when unset) bounds it too.
+    """
+    import torch.distributed as dist
+    from deepspeed.utils import groups
+
+    if getattr(groups, "_WORLD_GROUP", None) is None:
+        groups._WORLD_GROUP = dist.new_group(ranks=list(range(dist.get_world_size())),
+                                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
 def _reset_deepspeed_groups() -> None:

@@ -97,6 +97,21 @@ class _Status:
         os.replace(tmp, self.path)
 
 
+def _alive(pid: int) -> bool:
+    """Process exists and is not a zombie (a killed child not yet reaped by its launcher)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return True
+
+
 def diagnose_peers(run_dir: Path, world: int, me: int) -> str:
     """Which other ranks look dead (process gone on this host, failed, or silent): for error messages."""
     notes = []
@@ -112,14 +127,10 @@ def diagnose_peers(run_dir: Path, world: int, me: int) -> str:
             continue
         if st.get("state") == "failed":
             notes.append(f"rank {r}: failed ({st.get('error', '?')})")
-        elif st.get("state") == "running" and st.get("host") == host:
-            try:
-                os.kill(int(st["pid"]), 0)
-            except ProcessLookupError:
+        elif st.get("state") in ("starting", "running") and st.get("host") == host:
+            if not _alive(int(st["pid"])):
                 notes.append(f"rank {r}: process {st['pid']} on {host} is gone (killed?) at step {st.get('step')}")
-            except PermissionError:
-                pass
-        elif st.get("state") == "running":
+        elif st.get("state") in ("starting", "running"):
             notes.append(f"rank {r}: last heartbeat {time.time() - st.get('time', 0):.0f}s ago on {st.get('host')}")
     return "; ".join(notes)
 
@@ -222,16 +233,14 @@ class Trainer:
         from sar_scale.distributed.env import get_dist_env
 
         cfg = self.cfg
-        set_cpu_threads(get_dist_env())
+        self.denv = get_dist_env()
+        set_cpu_threads(self.denv)
+        self._setup_logging()  # every rank logs to RUN_DIR/logs/rank<r>.log from here on
         self.denv = init_distributed(cfg.deepspeed.backend, cfg.device, cfg.deepspeed.timeout_s)
         self.device = torch.device(resolve_device(cfg.device))
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.precision = resolve_precision(cfg.deepspeed.precision, self.device.type)
-        if self.denv.rank == 0:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        comm.barrier()
-        self._setup_logging()
         self.status = _Status(self.run_dir, self.denv)
         self.status.write("starting", 0, force=True)
         self.tracker: Tracker | None = None
@@ -429,6 +438,7 @@ class Trainer:
                 wait = 0.0
                 micro_losses, tokens, samples, flops = [], 0, 0, 0.0
                 buckets: list[str] = []
+                gn0 = None
                 lr = float(optimizer.param_groups[0]["lr"])
                 for micro in range(ga):
                     tw = time.perf_counter()
@@ -445,6 +455,11 @@ class Trainer:
                     logits_BNV = engine(tokens_BN, cond, plan)
                     loss = set_ar_loss(logits_BNV, tokens_BN)
                     engine.backward(loss)
+                    if micro == ga - 1 and cfg.deepspeed.zero_stage == 0:
+                        # DeepSpeed records the global grad norm only for its ZeRO/mixed-precision
+                        # optimizers; here grads are already all-reduced, so measure before clipping
+                        gn0 = torch.nn.utils.get_total_norm(
+                            [p.grad for p in engine.module.parameters() if p.grad is not None])
                     engine.step()
                     micro_losses.append(float(loss.detach()))
                     tokens += b * n
@@ -468,7 +483,7 @@ class Trainer:
                     raise FloatingPointError(f"loss is {loss_v} at global step {self.global_step} (stage {st.name})")
                 self.last_loss = loss_v
                 dt = time.perf_counter() - t0
-                gn = engine.get_global_grad_norm()
+                gn = engine.get_global_grad_norm() if cfg.deepspeed.zero_stage else gn0
                 gn = float(gn) if gn is not None else None
                 if order_file is not None:
                     order_file.flush()
