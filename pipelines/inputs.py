@@ -155,7 +155,7 @@ def _manifest_records(cfg: InputConfig) -> tuple[list[dict[str, Any]], list[dict
         if not image.startswith("s3://") and not image.startswith("/"):
             image = f"{base}/{image}" if base.startswith("s3://") else str(Path(base) / image)
         root, key = _split_url(image)
-        extra = {k: v for k, v in row.items() if k not in (cfg.image_column, cfg.caption_column)}
+        extra = {k: v for k, v in row.items() if k not in (cfg.image_column, cfg.caption_column, cfg.id_column)}
         caption = row.get(cfg.caption_column)
         records.append({"source_id": str(sid), "img": {"root": root, "key": key}, "cap": None,
                         "caption": caption if caption is None else str(caption),
