@@ -377,6 +377,23 @@ class S3Storage(Storage):
     def url(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self._k(key)}" if key else self.root
 
+    def clean_temp(self) -> int:
+        """Abort multipart uploads under the prefix left by a crashed writer (invisible to readers,
+        but they cost storage). Call only when no other writer is active on this prefix."""
+        prefix = f"{self.prefix}/" if self.prefix else ""
+
+        def run() -> int:
+            n = 0
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                     Prefix=prefix):
+                for up in page.get("Uploads", []):
+                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"],
+                                                       UploadId=up["UploadId"])
+                    n += 1
+            return n
+
+        return self._call("abort-multipart", "", run)
+
 
 def open_storage(url: str | Path, **kwargs: Any) -> Storage:
     """``s3://bucket/prefix`` -> :class:`S3Storage`; anything else (path, ``file://``) -> local."""

@@ -49,6 +49,19 @@ def test_s3_roundtrip_range_list_delete(s3_env, tmp_path):
     assert st2.get_range("big.bin", 0, 4) == big.read_bytes()[:4]
 
 
+def test_s3_clean_temp_aborts_orphan_multipart_uploads(s3_env):
+    s3_env.make_bucket("st-mp")
+    c = s3_env.client()
+    up = c.create_multipart_upload(Bucket="st-mp", Key="p/x-000001.tar")
+    c.upload_part(Bucket="st-mp", Key="p/x-000001.tar", UploadId=up["UploadId"], PartNumber=1, Body=b"half")
+    c.create_multipart_upload(Bucket="st-mp", Key="other/y.tar")  # outside the prefix: untouched
+    st = S3Storage("s3://st-mp/p")
+    assert st.list() == []  # never visible to readers
+    assert st.clean_temp() == 1
+    left = c.list_multipart_uploads(Bucket="st-mp").get("Uploads", [])
+    assert [u["Key"] for u in left] == ["other/y.tar"]
+
+
 def test_s3_credentials_never_in_repr_or_errors(s3_env):
     st = S3Storage("s3://no-such-bucket-here/x")
     assert "testing-secret" not in repr(st)
