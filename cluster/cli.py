@@ -32,12 +32,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sar-scale submit",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Submit a sar-scale command as a job. Everything after `--` is the command "
-                    "(e.g. `-- train configs/t2i_900m/stage1_256.yaml`). `train DIR` with a directory of "
-                    "stage configs submits the curriculum (--stages). The job id is an idempotency key: "
-                    "submitting the same id again returns the existing job (the local registry and the "
-                    "backend are both checked). Resources default to the profile's `resources`.",
-        epilog=__doc__.split("Examples::", 1)[1])
+        description=(
+            "Submit a sar-scale command as a job. Everything after `--` is the command\n"
+            "(e.g. `-- train configs/t2i_900m/stage1_256.yaml`). `train DIR` with a directory of stage\n"
+            "configs submits the curriculum (--stages). The job id is an idempotency key: submitting\n"
+            "the same id again returns the existing job (the local registry and the backend are both\n"
+            "checked). Resources default to the profile's `resources`; secrets are passed by name only."),
+        epilog="examples:" + __doc__.split("Examples::", 1)[1])
     p.add_argument("--backend", choices=BACKENDS, default="local", help="where to run (default local)")
     p.add_argument("--profile", help="cluster profile YAML (configs/cluster/*.yaml): partition, account, "
                    "image, env, secret names, mounts, S3 endpoint, MLflow URI, default resources")

@@ -82,7 +82,10 @@ def cmd_logs(reg: JobRegistry, args) -> int:
         if all(s in TERMINAL for s in states):
             return 0
         time.sleep(args.interval)
-        print("\033[2J\033[H", end="")  # redraw (a terminal "watch")
+        if sys.stdout.isatty():
+            print("\033[2J\033[H", end="")  # redraw in place, like `watch`
+        else:
+            print(f"----- {time.strftime('%H:%M:%S')} -----")
 
 
 def cmd_cancel(reg: JobRegistry, args) -> int:
