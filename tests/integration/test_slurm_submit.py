@@ -145,11 +145,12 @@ def slurm(tmp_path_factory):
         os.environ["SLURM_CONF"] = old
 
 
-def _profile(tmp: Path) -> Path:
+def _profile(tmp: Path, secret_env: list[str] | None = None) -> Path:
     p = tmp / "profile.yaml"
     p.write_text(yaml.safe_dump({
         "name": "single-host", "python": sys.executable, "workdir": str(REPO),
         "env": {"MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"},
+        "secret_env": secret_env or [],
         "resources": {"nodes": 1, "procs_per_node": 1, "cpus_per_task": 1},
         "slurm": {"partition": "debug"}}))
     return p
@@ -184,10 +185,15 @@ def _wait_terminal(backend, rec, timeout=150.0) -> str:
     raise TimeoutError(f"Slurm job {rec.backend_id} still {backend.status(rec)} after {timeout}s")
 
 
-def test_curriculum_chain_trains_on_real_slurm(slurm, tmp_path, capsys):
+def test_curriculum_chain_trains_on_real_slurm(slurm, tmp_path, capsys, monkeypatch):
     reg = tmp_path / "reg"
     stage_dir = _stage_dir(tmp_path)
-    rc = submit_main(["--backend", "slurm", "--profile", str(_profile(tmp_path)), "--registry", str(reg),
+    # a secret named in the profile reaches the job (its script exits early without it) but is
+    # written nowhere: not in the sbatch scripts, the registry or the logs
+    canary = "CANARY-5e1f-slurm-secret"
+    monkeypatch.setenv("SAR_TEST_SECRET_TOKEN", canary)
+    profile = _profile(tmp_path, secret_env=["SAR_TEST_SECRET_TOKEN"])
+    rc = submit_main(["--backend", "slurm", "--profile", str(profile), "--registry", str(reg),
                       "--job-id", "chain", "--", "train", str(stage_dir)])
     out = capsys.readouterr().out
     assert rc == 0, out
@@ -203,6 +209,10 @@ def test_curriculum_chain_trains_on_real_slurm(slurm, tmp_path, capsys):
     assert "starting fresh" in log1 and "done: 2 steps" in log1
     # stage 2's job resumed from the stage-1 end checkpoint and trained only stage b
     assert "resuming from" in log2 and "stage a" in log2 and "done: 4 steps" in log2
+    for f in reg.rglob("*"):
+        if f.is_file():
+            assert canary not in f.read_text(errors="replace"), f
+    assert 'SAR_TEST_SECRET_TOKEN:?' in Path(r1.info["script"]).read_text()
     # logs and status through the CLI
     capsys.readouterr()
     assert jobs_main(["--registry", str(reg), "logs", "chain", "--tail", "5"]) == 0
@@ -212,7 +222,7 @@ def test_curriculum_chain_trains_on_real_slurm(slurm, tmp_path, capsys):
     text = capsys.readouterr().out
     assert text.count("SUCCEEDED") == 2
     # resubmitting the chain starts nothing new
-    rc = submit_main(["--backend", "slurm", "--profile", str(_profile(tmp_path)), "--registry", str(reg),
+    rc = submit_main(["--backend", "slurm", "--profile", str(profile), "--registry", str(reg),
                       "--job-id", "chain", "--", "train", str(stage_dir)])
     assert rc == 0 and "already submitted" in capsys.readouterr().out
     assert [registry.get(m).backend_id for m in group.members] == [r1.backend_id, r2.backend_id]
