@@ -84,14 +84,14 @@ class _Status:
     def __init__(self, run_dir: Path, denv: DistEnv, every_s: float = 15.0):
         self.path = run_dir / "status" / f"rank{denv.rank}.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.denv, self.every_s, self._last = denv, every_s, 0.0
+        self.denv, self.every_s, self._last, self._state = denv, every_s, 0.0, ""
         self.base = {"rank": denv.rank, "host": socket.gethostname(), "pid": os.getpid()}
 
     def write(self, state: str, step: int, force: bool = False, **extra: Any) -> None:
         now = time.time()
-        if not force and now - self._last < self.every_s:
+        if not force and state == self._state and now - self._last < self.every_s:
             return
-        self._last = now
+        self._last, self._state = now, state
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps({**self.base, "state": state, "step": step, "time": now, **extra}))
         os.replace(tmp, self.path)
