@@ -78,7 +78,7 @@ def test_fingerprint_tracks_the_submission():
 # ---------------------------------------------------------------- local backend, idempotency
 def test_local_job_runs_once_per_id_and_reports(tmp_path, capsys):
     reg = JobRegistry(tmp_path / "reg")
-    spec = local_spec(["plan", "configs/t2i_900m/", "--nodes", "4", "--json"])
+    spec = local_spec(["data", "synth", "--out", str(tmp_path / "imgs"), "--n", "3", "--size", "32"])
     backend = LocalBackend()
     first = submit_job(spec, reg, backend)
     second = submit_job(spec, reg, backend)  # same id: the existing job, nothing new starts
@@ -86,8 +86,10 @@ def test_local_job_runs_once_per_id_and_reports(tmp_path, capsys):
     assert second.record.backend_id == first.record.backend_id
     st = wait_state(backend, first.record)
     assert st.state == "SUCCEEDED" and st.exit_code == 0
-    out = json.loads(backend.logs(first.record))
-    assert out["cluster"]["world_size"] == 32 and len(out["stages"]) == 3
+    assert "wrote 3 images" in backend.logs(first.record)
+    assert len(list((tmp_path / "imgs").glob("*.png"))) == 3
+    state = json.loads((tmp_path / "reg" / "job-a" / "state.json").read_text())
+    assert state["exit_codes"] == [0] and state["ended_at"] >= state["started_at"]
     # a third submission after completion still does not rerun it
     assert not submit_job(spec, reg, backend).created
     assert len(list((tmp_path / "reg" / "job-a").glob("node*.log"))) == 1
@@ -109,7 +111,7 @@ def test_same_id_different_command_is_a_conflict(tmp_path):
 def test_interrupted_submission_is_completed_on_retry(tmp_path):
     """A record without backend id (crash between marker and submit) does not block a retry."""
     reg = JobRegistry(tmp_path)
-    spec = local_spec(["plan", "configs/t2i_900m/", "--json"])
+    spec = local_spec(["data", "synth", "--out", str(tmp_path / "imgs"), "--n", "1", "--size", "32"])
     reg.put(JobRecord(job_id=spec.job_id, backend="local", fingerprint=spec.fingerprint(), command=spec.command,
                       info={"job_dir": str(reg.job_dir(spec.job_id))}))
     assert jobs_main(["--registry", str(tmp_path), "status", spec.job_id]) == 1  # "never confirmed"
@@ -127,10 +129,10 @@ def test_local_cancel_and_failure(tmp_path, capsys):
     assert "cancel requested" in capsys.readouterr().out
     assert wait_state(backend, long).state == "CANCELLED"
     assert not backend._alive(long)
-    bad = submit_job(local_spec(["plan", "does/not/exist.yaml"], job_id="bad"), reg, backend).record
+    bad = submit_job(local_spec(["data", "synth", "--n", "1"], job_id="bad"), reg, backend).record
     st = wait_state(backend, bad)
     assert st.state == "FAILED" and st.exit_code == 2
-    assert "config file not found" in backend.logs(bad)
+    assert "--out" in backend.logs(bad)  # argparse's own message reaches the job log
 
 
 def test_unknown_job_is_a_clear_error(tmp_path, capsys):
@@ -145,7 +147,8 @@ def test_local_rejects_dependencies(tmp_path):
 
 def test_secrets_must_be_set_and_never_recorded(tmp_path, monkeypatch):
     reg = JobRegistry(tmp_path)
-    spec = local_spec(["plan", "configs/t2i_900m/", "--json"], profile={"workdir": str(REPO), "secret_env": ["MY_TOKEN"]})
+    spec = local_spec(["data", "synth", "--out", str(tmp_path / "imgs"), "--n", "1", "--size", "32"],
+                      profile={"workdir": str(REPO), "secret_env": ["MY_TOKEN"]})
     monkeypatch.delenv("MY_TOKEN", raising=False)
     with pytest.raises(ClusterError, match="MY_TOKEN named in the cluster profile"):
         submit_job(spec, reg, LocalBackend())
