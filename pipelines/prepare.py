@@ -77,7 +77,10 @@ def resolve_vq(cfg: PrepareConfig) -> tuple[int, str]:
         data = json.loads((p / vqmod.CONFIG_NAME).read_text())
         downsample = vqmod.vq_config(data.get("config", data)).downsample
     else:
-        downsample = vqmod.load_vq(p).downsample
+        try:
+            downsample = vqmod.load_vq(p).downsample
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"tokenize.vq_path: cannot load a VQ from {p}: {e}") from None
     for r in cfg.tokenize.resolutions:
         if r % downsample:
             raise ConfigError(f"tokenize.resolutions: {r} is not a multiple of the VQ downsample {downsample}")
@@ -282,8 +285,15 @@ def shard_pass(ray, cfg: PrepareConfig, storage: Storage, shards: list[list[dict
 
 
 def run(cfg: PrepareConfig) -> dict[str, Any]:
-    """Run the whole job; returns the summary (also printed by :func:`main`)."""
+    """Run the whole job; returns the summary (also printed by :func:`main`).
+
+    Uses the Ray already initialised in this process if any, else starts one (left running for
+    the caller to ``ray.shutdown()``; :func:`main` does).
+    """
     t0 = time.time()
+    src = cfg.input.path
+    if not src.startswith("s3://") and "{" not in src and not Path(src).expanduser().exists():
+        raise ConfigError(f"input.path: not found: {src}")  # before paying for a Ray start
     downsample, vq_fp = resolve_vq(cfg)
     text_fp = _file_fingerprint(Path(cfg.tokenize.text_encoder_path)) if cfg.tokenize.text_encoder_path else ""
     config_hash = hashlib.sha256(f"{cfg.content_hash()}|{vq_fp}|{text_fp}".encode()).hexdigest()[:16]
