@@ -164,7 +164,7 @@ def bench_overhead(model: str, grid, mb: int, steps: int) -> dict:
         torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return float(loss)
+        return float(loss.detach())
 
     out["plain_step_s"], plain_losses = run(plain)
     del plain, m, opt
@@ -182,7 +182,7 @@ def bench_overhead(model: str, grid, mb: int, steps: int) -> dict:
                 loss = set_ar_loss(engine(tok, cond, plan), tok)
                 engine.backward(loss)
                 engine.step()
-                return float(loss)
+                return float(loss.detach())
 
             t, losses = run(ds_step)
             out[f"deepspeed_zero{zero}_step_s"] = t
@@ -235,7 +235,7 @@ def bench_zero_memory(model: str, grid, mb: int) -> dict:
             env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")
             procs.append(subprocess.Popen([sys.executable, __file__, "--worker-zero-memory", model, str(grid[0]),
-                                           str(mb), f"{tmp}/rank{r}.json"], env=env))
+                                           str(mb), f"{tmp}/rank{r}.json"], env=env, stdout=sys.stderr))
         codes = [p.wait(1800) for p in procs]
         if any(codes):
             raise RuntimeError(f"zero-memory workers failed: {codes}")
@@ -298,11 +298,21 @@ def main(argv: list[str] | None = None) -> int:
         model, g, mb, out = a.worker_zero_memory
         _worker_zero_memory(model, int(g), int(mb), out)
         return 0
+    import contextlib
     import logging
 
-    import torch
 
     logging.basicConfig(level=logging.WARNING)
+    real_stdout = sys.stdout
+    with contextlib.redirect_stdout(sys.stderr):  # DeepSpeed's op builder prints to stdout: keep JSON clean
+        result = _run_all(a)
+    print(json.dumps(result, indent=1), file=real_stdout)
+    return 0
+
+
+def _run_all(a) -> dict:
+    import torch
+
     grid = (a.grid, a.grid)
     result = {"device": "cpu", "threads": torch.get_num_threads(), "cores": os.cpu_count(),
               "load_avg_1m_start": os.getloadavg()[0], "torch": torch.__version__}
@@ -314,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.skip_memory:
         result["zero_memory"] = bench_zero_memory(a.model, grid, a.micro_batch)
     result["load_avg_1m_end"] = os.getloadavg()[0]
-    print(json.dumps(result, indent=1))
-    return 0
+    return result
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ def test_resume_inside_stage_two_is_exact(run_a):
     tmp = run_a["tmp"]
     b = tmp / "b"
     shutil.copytree(tmp / "a" / "checkpoints" / "step00000006", b / "checkpoints" / "step00000006")
-    cfg = make_cfg(b, run_a["shards"], **{"mlflow.enabled": False})
+    # activation checkpointing on in the resumed run only: recomputation must not change a single loss
+    cfg = make_cfg(b, run_a["shards"], **{"mlflow.enabled": False, "model.activation_checkpointing": True})
     res = Trainer(cfg, resume="auto").run()
     assert res.global_step == 8
     ma, mb = metrics(tmp / "a"), metrics(b)
@@ -233,3 +234,33 @@ def test_mlflow_run_params_metrics_images_and_no_secrets(run_a):
     for f in run_dir.rglob("*"):
         if f.is_file() and f.suffix != ".pt":
             assert CANARY.encode() not in f.read_bytes(), f
+
+
+def test_text_encoder_on_the_fly_kept_optimizer_and_activation_checkpointing(run_a, tmp_path):
+    """Text-conditional model fed by a TextEncoder on the fly (shards without text.npy), stage 2 keeping
+    stage 1's AdamW moments, activation checkpointing on: trains, and Adam's step count carries over."""
+    from sar_scale.tokenizers.text import build_tiny_text_encoder
+    from sar_scale.training.trainer import Trainer
+
+    enc = build_tiny_text_encoder(tmp_path / "enc", kind="t5", width=32, max_length=16)
+    runs = {}
+    for keep in ("reset", "keep"):
+        cfg = make_cfg(tmp_path / keep, run_a["shards"], **{
+            "model.overrides": "{cond: text, text_dim: 32, max_text_len: 16}",
+            "model.activation_checkpointing": "true", "data.text_encoder": str(enc), "mlflow.enabled": "false",
+            "checkpoint.every_steps": 0, "ema.enabled": "false",
+            "curriculum.stages": "[{name: a, resolution: 64, steps: 2, micro_batch: 2}, "
+                                 f"{{name: b, resolution: 64, steps: 2, micro_batch: 2, optimizer_state: {keep}}}]"})
+        runs[keep] = Trainer(cfg, resume="none").run()
+        assert runs[keep].global_step == 4
+        m = metrics(tmp_path / keep)
+        assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m.values())
+        assert m[3]["lr"] == 0.0  # a fresh warmup schedule in stage b either way
+
+    def adam_step(run_dir):
+        sd = torch.load(run_dir / "checkpoints" / "step00000004" / "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                        map_location="cpu", weights_only=False)  # our own, just written
+        state = sd["optimizer_state_dict"]["base_optimizer_state"]["state"]
+        return int(next(iter(state.values()))["step"])
+
+    assert adam_step(tmp_path / "reset") == 2 and adam_step(tmp_path / "keep") == 4
