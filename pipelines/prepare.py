@@ -230,6 +230,9 @@ def reconcile(storage: Storage, cfg: PrepareConfig, config_hash: str,
     if stale:
         logger.info("deleted %d uncommitted shard tar(s)", stale)
     todo = {i for i in range(len(plan_hashes)) if i not in committed}
+    for i in todo:  # a stats without its tar must not pair with the tar we are about to write
+        if schema.stats_name(name, i) in keys:
+            storage.delete(schema.stats_name(name, i))
     return todo, committed
 
 
