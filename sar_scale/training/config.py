@@ -130,6 +130,9 @@ class CheckpointSection(StrictModel):
     every_steps: int = Field(0, ge=0, description="save every N global steps (0 = only at stage ends)")
     keep_last: int = Field(3, ge=1, description="keep the newest K complete checkpoints")
     keep_stage_ends: bool = Field(True, description="never prune the checkpoint that ends a stage")
+    allow_world_size_change: bool = Field(
+        False, description="resume a checkpoint written by a different number of ranks: weights, EMA and "
+        "LR schedule are restored, AdamW moments restart, data continues at the next epoch")
     mirror_url: str | None = Field(None, description="also upload each complete checkpoint here "
                                    "(s3://bucket/prefix or a dir); --resume auto downloads from it "
                                    "when no local checkpoint is good")

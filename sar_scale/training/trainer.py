@@ -306,7 +306,7 @@ class Trainer:
             if start_stage >= len(stages):
                 raise ConfigError(f"checkpoint {resume_path} is at stage {start_stage}, the config has only "
                                   f"{len(stages)} stages")
-            if state.get("stage_complete"):
+            if state.get("stage_complete") and int(state["step_in_stage"]) >= stages[start_stage].steps:
                 start_stage += 1
                 init_from = resume_path
             else:
@@ -335,6 +335,22 @@ class Trainer:
         st = cfg.curriculum.stages[si]
         if start_step >= st.steps:
             return None
+        world_changed = False
+        if resume_from is not None:
+            saved = read_train_state(resume_from)
+            saved_world = int(saved.get("world_size", denv.world_size))
+            if saved_world != denv.world_size:
+                if not cfg.checkpoint.allow_world_size_change:
+                    raise ConfigError(
+                        f"checkpoint {resume_from} was written by {saved_world} ranks, this job has "
+                        f"{denv.world_size}: ZeRO optimizer states are per rank. Resume with {saved_world} ranks, "
+                        "or set checkpoint.allow_world_size_change=true (weights, EMA and LR schedule are "
+                        "kept; AdamW moments restart; data continues at the next epoch)")
+                world_changed = True
+                position = DataPosition(position.epoch + 1, 0)
+                logger.warning("world size %d -> %d: resuming %s with its weights, EMA and LR schedule; AdamW "
+                               "moments restart and data continues at epoch %d", saved_world, denv.world_size,
+                               resume_from, position.epoch)
         url = cfg.stage_data_url(si)
         index = ShardIndex(url, threads=cfg.data.index_threads)
         stream = StageStream(
@@ -361,9 +377,15 @@ class Trainer:
         # model (+ previous stage's weights), optimizer, schedule, engine
         model = self._build_model()
         keep_opt = init_from is not None and st.optimizer_state == "keep" and resume_from is None
+        if keep_opt and int(read_train_state(init_from).get("world_size", denv.world_size)) != denv.world_size:
+            logger.warning("stage %s: optimizer_state=keep needs the same world size as %s; starting with "
+                           "fresh AdamW moments", st.name, init_from)
+            keep_opt = False
         if init_from is not None and resume_from is None and not keep_opt:
             model.load_state_dict(self.load_consolidated(init_from))
             logger.info("stage %s starts from the weights of %s", st.name, init_from)
+        if world_changed:  # zero_to_fp32 reassembles the weights from any number of partitions
+            model.load_state_dict(self.load_consolidated(resume_from))
         mb = stream.nominal_micro_batch()
         ds_cfg = deepspeed_config(cfg, denv.world_size, si, mb, self.device.type, self.ds_override)
         if denv.rank == 0:
@@ -386,14 +408,11 @@ class Trainer:
 
             ema = EMA(engine.module, cfg.ema.decay)
 
-        src = resume_from or (init_from if keep_opt else None)
+        src = (None if world_changed else resume_from) or (init_from if keep_opt else None)
+        if world_changed:
+            for _ in range(start_step):  # the LR schedule continues where it was
+                sched.step()
         if src is not None:
-            same_world = int(read_train_state(src).get("world_size", denv.world_size)) == denv.world_size
-            if resume_from is not None and not same_world:
-                raise ConfigError(
-                    f"checkpoint {src} was written by {read_train_state(src)['world_size']} ranks, this job "
-                    f"has {denv.world_size}: DeepSpeed ZeRO states are per rank. Convert it with "
-                    "`python -m deepspeed.checkpoint.ds_to_universal` or resume with the same world size.")
             engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
                                    load_lr_scheduler_states=resume_from is not None)
             if resume_from is None:  # kept moments, fresh schedule: re-apply this stage's lr
@@ -402,10 +421,11 @@ class Trainer:
             rng = read_rng(src, denv.rank) if resume_from is not None else None
             if rng is not None:
                 set_rng_state(rng)
-        if ema is not None and (src or init_from) is not None and ((src or init_from) / EMA_FILE).is_file():
+        ema_src = resume_from or init_from
+        if ema is not None and ema_src is not None and (ema_src / EMA_FILE).is_file():
             from safetensors.torch import load_file
 
-            ema.load_full_state_dict(load_file(str((src or init_from) / EMA_FILE)))
+            ema.load_full_state_dict(load_file(str(ema_src / EMA_FILE)))
         if resume_from is not None:
             logger.info("resumed stage %s at step %d/%d, data epoch %d step %d", st.name, start_step, st.steps,
                         position.epoch, position.step)
@@ -540,8 +560,6 @@ class Trainer:
     def _save(self, engine, ema, si: int, step_in_stage: int, position: DataPosition, stage_end: bool) -> Path:
         cfg, denv = self.cfg, self.denv
         st = cfg.curriculum.stages[si]
-        if stage_end:
-            position = DataPosition()
         train_state = {
             "global_step": self.global_step, "stage": si, "stage_name": st.name,
             "step_in_stage": step_in_stage, "stage_complete": stage_end,
