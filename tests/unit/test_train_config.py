@@ -137,3 +137,24 @@ def test_fault_spec_parsing():
 def test_flatten_for_mlflow_params():
     flat = flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "stages": [{"name": "x"}, {"name": "y"}], "e": {}})
     assert flat == {"a.b": 1, "a.c.d": [1, 2], "stages.0.name": "x", "stages.1.name": "y", "e": {}}
+
+
+def test_cli_print_config_merges_deepspeed_override_and_rejects_bad_input(tmp_path, capsys, monkeypatch):
+    from sar_scale.training.cli import main
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "CANARY-cli-1234")
+    cfg = REPO / "configs" / "train" / "debug.yaml"
+    assert main([str(cfg), "deepspeed.zero_stage=3", "mlflow.run_name=CANARY-cli-1234", "--print-config",
+                 "--deepspeed-config", '{"steps_per_print": 7}']) == 0
+    out = capsys.readouterr().out
+    assert '"stage": 3' in out and '"steps_per_print": 7' in out
+    assert '"stage3_gather_16bit_weights_on_model_save": true' in out
+    assert "CANARY-cli-1234" not in out
+    ds = tmp_path / "ds.json"
+    ds.write_text('{"gradient_clipping": 0.5}')
+    assert main([str(cfg), "--print-config", "--deepspeed-config", str(ds)]) == 0
+    assert '"gradient_clipping": 0.5' in capsys.readouterr().out
+    assert main([str(cfg), "--print-config", "--deepspeed-config", "{not json"]) == 2
+    assert "--deepspeed-config" in capsys.readouterr().err
+    assert main([str(cfg), "optim.lrr=1"]) == 2
+    assert "unknown key 'optim.lrr'" in capsys.readouterr().err
