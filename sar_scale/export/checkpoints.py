@@ -273,7 +273,7 @@ def consolidated_state(src: CheckpointSource, trust: bool = False) -> dict[str, 
     try:
         with restricted_unpickling(trust), _ds_prints_to_log():
             if src.kind == "universal":
-                return _universal_state(src.path)
+                return _universal_state(src.path, trust)
             if src.kind == "zero":
                 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -284,7 +284,7 @@ def consolidated_state(src: CheckpointSource, trust: bool = False) -> dict[str, 
                     if "is not a zero checkpoint" not in str(e):
                         raise
                     src.notes.append("optimizer files are not ZeRO partitions: using the module weights")
-            return _stage0_state(src.path)
+            return _stage0_state(src.path, trust)
     except pickle.UnpicklingError as e:
         first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
         raise ExportError(
@@ -295,22 +295,22 @@ def consolidated_state(src: CheckpointSource, trust: bool = False) -> dict[str, 
         raise ExportError(f"{src.path}: incomplete DeepSpeed checkpoint: {e}") from None
 
 
-def _stage0_state(ckpt: Path) -> dict[str, torch.Tensor]:
+def _stage0_state(ckpt: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
     if len(files) != 1:
         raise ExportError(f"{ckpt}: expected one mp_rank_00_model_states.pt for a ZeRO-0 checkpoint, "
                           f"found {[f.name for f in files]} (tensor/pipeline parallel checkpoints are not supported)")
-    blob = torch.load(files[0], map_location="cpu", weights_only=True, mmap=True)
+    blob = torch.load(files[0], map_location="cpu", weights_only=not trust, mmap=True)
     module = blob.get("module") if isinstance(blob, dict) else None
     if not isinstance(module, dict) or not module:
         raise ExportError(f"{files[0]}: no 'module' weights in the model states file")
     return dict(module)
 
 
-def _universal_state(ckpt: Path) -> dict[str, torch.Tensor]:
+def _universal_state(ckpt: Path, trust: bool = False) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted((ckpt / "zero").glob("*/fp32.pt")):
-        blob = torch.load(f, map_location="cpu", weights_only=True)
+        blob = torch.load(f, map_location="cpu", weights_only=not trust)
         t = blob.get("param") if isinstance(blob, dict) else blob
         if not isinstance(t, torch.Tensor):
             raise ExportError(f"{f}: no 'param' tensor (not a universal checkpoint parameter file)")

@@ -195,7 +195,8 @@ def write_export(out_dir: str | Path, state: dict[str, Any], fmt, *, vq, text_en
         default_resolution=default_resolution or (resolutions[-1] if resolutions else None),
         sampling=sampling or SamplingDefaults(),
         weights=WeightsInfo(dtype=dtype, ema=ema, sharded=len(files) > 1, files=files, num_parameters=n_params),
-        source=source or SourceInfo(kind="state_dict"), sar_scale_version=sar_scale.__version__,
+        source=SourceInfo.model_validate(redact_obj((source or SourceInfo(kind="state_dict")).model_dump())),
+        sar_scale_version=sar_scale.__version__,
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     base = default_resolution or (resolutions[0] if resolutions else 16 * vq_ref.downsample)
     side = max(1, min(16, base // vq_ref.downsample))
