@@ -132,7 +132,13 @@ def _train_cfg(model: str, zero: int, mb: int, run_dir: str, data_url: str, step
 
 
 def bench_overhead(model: str, grid, mb: int, steps: int) -> dict:
-    """Plain PyTorch loop vs DeepSpeed engine (ZeRO-0, ZeRO-1) on identical batches, one process."""
+    """Plain PyTorch loop vs DeepSpeed engines (ZeRO-0, ZeRO-1) on identical batches, one process.
+
+    The three run round-robin, step by step, and medians are reported, so load from other processes
+    on a shared machine hits all of them alike.
+    """
+    import statistics
+
     import deepspeed
     import torch
 
@@ -141,38 +147,25 @@ def bench_overhead(model: str, grid, mb: int, steps: int) -> dict:
     from sar_scale.models import build_model
     from sar_scale.sar import set_ar_loss
 
-    out = {}
-    batches = None
-
-    def run(step_fn):
-        times, losses = [], []
-        for i in range(steps + 1):  # first step is warm-up
-            t0 = time.perf_counter()
-            losses.append(step_fn(*batches[i]))
-            if i:
-                times.append(time.perf_counter() - t0)
-        return sum(times) / len(times), losses
-
-    torch.manual_seed(0)
-    m = build_model(model)
-    batches = [_batch(m.config, grid, mb, i) for i in range(steps + 1)]
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
-
-    def plain(tok, cond, plan, m=m, opt=opt):
-        loss = set_ar_loss(m(tok, cond, plan), tok)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        return float(loss.detach())
-
-    out["plain_step_s"], plain_losses = run(plain)
-    del plain, m, opt
     init_distributed("gloo", "cpu", 600)
+    fns, cfg0 = {}, None
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = _train_cfg(model, 0, mb, tmp, tmp, steps, 256)
+        cfg0 = _train_cfg(model, 0, mb, tmp, tmp, steps, 256)
+        torch.manual_seed(0)
+        pm = build_model(model)
+        popt = torch.optim.AdamW(pm.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+
+        def plain(tok, cond, plan, m=pm, opt=popt):
+            loss = set_ar_loss(m(tok, cond, plan), tok)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return float(loss.detach())
+
+        fns["plain"] = plain
         for zero in (0, 1):
-            cfg = cfg.model_copy(update={"deepspeed": cfg.deepspeed.model_copy(update={"zero_stage": zero})})
+            cfg = cfg0.model_copy(update={"deepspeed": cfg0.deepspeed.model_copy(update={"zero_stage": zero})})
             torch.manual_seed(0)
             m = build_model(model)
             opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
@@ -184,13 +177,21 @@ def bench_overhead(model: str, grid, mb: int, steps: int) -> dict:
                 engine.step()
                 return float(loss.detach())
 
-            t, losses = run(ds_step)
-            out[f"deepspeed_zero{zero}_step_s"] = t
-            out[f"deepspeed_zero{zero}_overhead_pct"] = 100 * (t / out["plain_step_s"] - 1)
-            out[f"deepspeed_zero{zero}_max_loss_gap_vs_plain"] = max(abs(a - b) for a, b in zip(losses, plain_losses))
-            del engine, m, opt
-            gc.collect()
+            fns[f"deepspeed_zero{zero}"] = ds_step
+        batches = [_batch(pm.config, grid, mb, i) for i in range(steps + 1)]
+        times = {k: [] for k in fns}
+        losses = {k: [] for k in fns}
+        for i, b in enumerate(batches):
+            for k, fn in fns.items():
+                t0 = time.perf_counter()
+                losses[k].append(fn(*b))
+                if i:  # the first step is warm-up
+                    times[k].append(time.perf_counter() - t0)
     destroy_distributed()
+    out = {f"{k}_step_s_median": statistics.median(v) for k, v in times.items()}
+    for k in ("deepspeed_zero0", "deepspeed_zero1"):
+        out[f"{k}_overhead_pct"] = 100 * (out[f"{k}_step_s_median"] / out["plain_step_s_median"] - 1)
+        out[f"{k}_max_loss_gap_vs_plain"] = max(abs(a - b) for a, b in zip(losses[k], losses["plain"]))
     return out
 
 

@@ -104,21 +104,30 @@ class Tracker:
         if changed:  # params are immutable in MLflow: record a resumed run's changes as tags
             mlflow.set_tags({f"resume.changed.{k}": v for k, v in changed.items()})
 
+    def _safe(self, what: str, fn, *args, **kwargs) -> None:
+        """Tracking must not kill a week-long run: MLflow retries requests itself; after that we log and go on."""
+        if not (self.enabled and self._mlflow is not None):
+            return
+        try:
+            fn(*args, **kwargs)
+            self._failures = 0
+        except Exception as e:  # noqa: BLE001 - reported, training continues
+            self._failures = getattr(self, "_failures", 0) + 1
+            if self._failures <= 3 or self._failures % 100 == 0:
+                logger.warning("MLflow %s failed (%d in a row): %s", what, self._failures, redact_text(str(e)))
+
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled and self._mlflow is not None:
-            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items() if v is not None}, step=step)
+        self._safe("log_metrics", lambda: self._mlflow.log_metrics(
+            {k: float(v) for k, v in metrics.items() if v is not None}, step=step))
 
     def set_tags(self, tags: dict[str, Any]) -> None:
-        if self.enabled and self._mlflow is not None:
-            self._mlflow.set_tags({k: redact_text(str(v)) for k, v in tags.items()})
+        self._safe("set_tags", lambda: self._mlflow.set_tags({k: redact_text(str(v)) for k, v in tags.items()}))
 
     def log_image(self, image, artifact_file: str) -> None:
-        if self.enabled and self._mlflow is not None:
-            self._mlflow.log_image(image, artifact_file=artifact_file)
+        self._safe("log_image", lambda: self._mlflow.log_image(image, artifact_file=artifact_file))
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        if self.enabled and self._mlflow is not None:
-            self._mlflow.log_text(redact_text(text), artifact_file)
+        self._safe("log_text", lambda: self._mlflow.log_text(redact_text(text), artifact_file))
 
     def end(self, status: str = "FINISHED") -> None:
         if self.enabled and self._mlflow is not None and self._mlflow.active_run() is not None:

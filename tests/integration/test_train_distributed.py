@@ -59,7 +59,15 @@ def shards(tmp_path_factory) -> Path:
 def zero_sweep(tmp_path_factory, shards):
     """2 ranks, the same run under ZeRO 0, 1, 2, 3 (sequentially inside one process per rank)."""
     tmp = tmp_path_factory.mktemp("zero")
-    cfg = base_config(tmp / "runs", shards)
+    import torch
+
+    from sar_scale.tokenizers.vq import VQConfig, VQModel, save_vq
+
+    torch.manual_seed(0)
+    vq = save_vq(VQModel(VQConfig(codebook_size=64, codebook_embed_dim=4, ch=32, ch_mult=[1, 1], z_channels=8,
+                                  num_res_blocks=1)), tmp / "vq")
+    # sample grids at the stage end: under ZeRO-3 the weights are gathered collectively first
+    cfg = base_config(tmp / "runs", shards, mlflow={"enabled": True, "vq_path": str(vq), "sample_count": 2})
     ports = ",".join(str(free_port()) for _ in range(4))
     procs = spawn(2, [str(REPO / "tests/integration/train_launch.py"), "zero-sweep", json.dumps(cfg), ports],
                   tmp / "logs", name="sweep")
@@ -87,6 +95,8 @@ def test_zero_stages_0_to_3_agree(zero_sweep):
 
     from sar_scale.models import build_model
 
+    for z in range(4):
+        assert len(list((zero_sweep / f"z{z}" / "mlartifacts").rglob("samples/s64_step00000002.png"))) == 1, z
     ema = load_file(str(ck / "ema.safetensors"))
     shapes = {k: tuple(v.shape) for k, v in build_model("debug").named_parameters()}
     assert {k: tuple(v.shape) for k, v in ema.items()} == shapes

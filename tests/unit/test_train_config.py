@@ -158,3 +158,27 @@ def test_cli_print_config_merges_deepspeed_override_and_rejects_bad_input(tmp_pa
     assert "--deepspeed-config" in capsys.readouterr().err
     assert main([str(cfg), "optim.lrr=1"]) == 2
     assert "unknown key 'optim.lrr'" in capsys.readouterr().err
+
+
+def test_tracker_logging_failure_does_not_stop_training(tmp_path, caplog, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from sar_scale.training.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    t = Tracker(True, tmp_path, experiment="unit-tracker")
+    run_id = t.start(None, {"optim": {"lr": 0.1}, "password": "hunter2-CANARY"})
+    with caplog.at_level(logging.WARNING):
+        t.log_metrics({"bad metric name?!": 1.0}, step=1)  # MLflow rejects the name: warned, not raised
+        t.log_metrics({"loss": 2.0}, step=1)
+    assert "MLflow log_metrics failed" in caplog.text
+    t.end()
+    run = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id)
+    assert run.data.metrics["loss"] == 2.0 and run.data.params == {"optim.lr": "0.1", "password": "***"}
+    assert (tmp_path / "mlflow_run_id").read_text() == run_id
+    # a second Tracker (a resumed job) reattaches to the same run from the run folder
+    t2 = Tracker(True, tmp_path, experiment="unit-tracker")
+    assert t2.start(None, {"optim": {"lr": 0.2}}) == run_id
+    t2.end()
+    tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.tags
+    assert tags["resume.changed.optim.lr"] == "0.2"
