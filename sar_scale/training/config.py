@@ -102,6 +102,10 @@ class StageConfig(StrictModel):
     warmup: int | None = Field(None, ge=0, description="warmup steps (default optim.warmup_steps)")
     schedule: Literal["cosine", "constant"] | None = None
     data_url: str | None = Field(None, description="shard root for this stage (default data.url)")
+    rope_scaling: Literal["none", "linear", "ntk"] | None = Field(
+        None, description="RoPE extrapolation for this stage (default: the model's), e.g. ntk at a higher "
+        "resolution than rope_train_grid")
+    rope_train_grid: tuple[int, int] | None = Field(None, description="token grid RoPE was trained on")
     optimizer_state: Literal["reset", "keep"] = Field(
         "reset", description="at the start of this stage: fresh AdamW moments or the previous stage's")
 

@@ -180,11 +180,19 @@ class Trainer:
                               f"(model.name={self.cfg.model.name})")
         return mode
 
-    def _build_model(self):
+    def _build_model(self, stage: int):
+        """The FMT for curriculum ``stage``: the model config plus the stage's RoPE settings (no weights
+        depend on them, so a stage can change them and still load the previous stage's weights)."""
         from sar_scale.models import build_model
 
+        st = self.cfg.curriculum.stages[stage]
+        over = dict(self.cfg.model.overrides)
+        if st.rope_scaling is not None:
+            over["rope_scaling"] = st.rope_scaling
+        if st.rope_train_grid is not None:
+            over["rope_train_grid"] = st.rope_train_grid
         torch.manual_seed(self.cfg.seed)  # identical init on every rank (ZeRO-3 partitions its own copy)
-        model = build_model(self.cfg.model.name, **self.cfg.model.overrides)
+        model = build_model(self.cfg.model.name, **over)
         if self.cfg.model.activation_checkpointing:
             model.enable_activation_checkpointing()
         return model
@@ -214,9 +222,11 @@ class Trainer:
     def load_consolidated(ckpt: Path) -> dict[str, torch.Tensor]:
         """Full fp32 weights of a (verified) checkpoint, any ZeRO stage, for a new stage's model.
 
-        ZeRO 1-3: DeepSpeed's ``zero_to_fp32`` (the fp32 master weights). ZeRO-0 keeps full weights in
-        ``mp_rank_00_model_states.pt``; DeepSpeed's format needs ``weights_only=False``, which is
-        acceptable only because the checkpoint's checksums were verified (our own files).
+        ZeRO-0 keeps full weights in ``mp_rank_00_model_states.pt``, which loads with
+        ``weights_only=True``. ZeRO 1-3: DeepSpeed's ``zero_to_fp32`` reassembles the fp32 master weights
+        from the optimizer partitions of any number of ranks; it unpickles them with
+        ``weights_only=False`` (their format needs it), acceptable only because every caller passes a
+        checkpoint whose checksums were verified, i.e. files this training run wrote.
         """
         state = read_train_state(ckpt)
         if int(state.get("zero_stage", 0)) > 0:
@@ -224,7 +234,7 @@ class Trainer:
 
             sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
         else:
-            blob = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            blob = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
             sd = blob["module"]
         return {k: v.float() for k, v in sd.items()}
 
@@ -375,7 +385,7 @@ class Trainer:
                                   f"{self.model_cfg.text_dim}")
 
         # model (+ previous stage's weights), optimizer, schedule, engine
-        model = self._build_model()
+        model = self._build_model(si)
         keep_opt = init_from is not None and st.optimizer_state == "keep" and resume_from is None
         if keep_opt and int(read_train_state(init_from).get("world_size", denv.world_size)) != denv.world_size:
             logger.warning("stage %s: optimizer_state=keep needs the same world size as %s; starting with "
@@ -598,7 +608,7 @@ class Trainer:
             from sar_scale.tokenizers.vq import load_vq
 
             if zero3:
-                model = self._build_model().to(self.device)
+                model = self._build_model(si).to(self.device)
                 model.load_state_dict({k: v.float() for k, v in full_sd.items()})
             else:
                 model = engine.module

@@ -182,3 +182,14 @@ def test_tracker_logging_failure_does_not_stop_training(tmp_path, caplog, monkey
     t2.end()
     tags = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").get_run(run_id).data.tags
     assert tags["resume.changed.optim.lr"] == "0.2"
+
+
+def test_stage_rope_settings_reach_that_stages_model():
+    from sar_scale.training.trainer import Trainer
+
+    c = cfg(**{"curriculum.stages": "[{name: a, resolution: 64, steps: 1, micro_batch: 1}, {name: b, "
+               "resolution: 128, steps: 1, micro_batch: 1, rope_scaling: ntk, rope_train_grid: [4, 4]}]"})
+    t = Trainer(c, resume="none")
+    a, b = t._build_model(0), t._build_model(1)
+    assert a.rope.scaling == "none" and (b.rope.scaling, b.rope.train_grid) == ("ntk", (4, 4))
+    b.load_state_dict(a.state_dict())  # same weights: the next stage can start from the previous one
