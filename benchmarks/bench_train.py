@@ -210,15 +210,20 @@ def bench_trainer(model: str, grid, mb: int, steps: int, peak: float) -> dict:
         cfg = _train_cfg(model, 1, mb, f"{tmp}/run", f"{tmp}/shards", steps + 1, res)
         Trainer(cfg, resume="none").run()
         recs = [json.loads(x) for x in Path(f"{tmp}/run/metrics.jsonl").read_text().splitlines()][1:]
-    n = len(recs)
-    step = sum(r["step_time_s"] for r in recs) / n
-    flops = sum(r["flops_per_s"] for r in recs) / n
+    import statistics
+
     from sar_scale.models import count_parameters
 
+    n = len(recs)
+    total_t = sum(r["step_time_s"] for r in recs)
+    # per-step rates x step time = per-step amounts; totals over total time (not a mean of ratios)
+    tokens = sum(r["tokens_per_s"] * r["step_time_s"] for r in recs)
+    flops = sum(r["flops_per_s"] * r["step_time_s"] for r in recs)
     return {"model": model, "params_m": count_parameters(model) / 1e6, "grid": list(grid), "micro_batch": mb,
-            "steps_timed": n, "step_time_s": step, "tokens_per_s": sum(r["tokens_per_s"] for r in recs) / n,
-            "data_wait_s": sum(r["data_wait_s"] for r in recs) / n, "achieved_flops_per_s": flops,
-            "cpu_mfu": flops / peak}
+            "steps_timed": n, "step_time_s_mean": total_t / n,
+            "step_time_s_median": statistics.median(r["step_time_s"] for r in recs),
+            "tokens_per_s": tokens / total_t, "data_wait_s_mean": sum(r["data_wait_s"] for r in recs) / n,
+            "achieved_flops_per_s": flops / total_t, "cpu_mfu": flops / total_t / peak}
 
 
 def _free_port() -> int:
