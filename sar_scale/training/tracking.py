@@ -60,6 +60,9 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
+        # mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI; restored in end() so a later run in
+        # this process does not mistake our embedded store for a user-chosen one
+        self._prev_env = os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(self.uri)
         run_id = run_id or self._saved_run_id()
         exp = mlflow.get_experiment_by_name(self.experiment)
@@ -130,5 +133,11 @@ class Tracker:
         self._safe("log_text", lambda: self._mlflow.log_text(redact_text(text), artifact_file))
 
     def end(self, status: str = "FINISHED") -> None:
-        if self.enabled and self._mlflow is not None and self._mlflow.active_run() is not None:
+        if not (self.enabled and self._mlflow is not None):
+            return
+        if self._mlflow.active_run() is not None:
             self._mlflow.end_run(status=status)
+        if self._prev_env is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = self._prev_env

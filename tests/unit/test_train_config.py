@@ -193,3 +193,19 @@ def test_stage_rope_settings_reach_that_stages_model():
     a, b = t._build_model(0), t._build_model(1)
     assert a.rope.scaling == "none" and (b.rope.scaling, b.rope.train_grid) == ("ntk", (4, 4))
     b.load_state_dict(a.state_dict())  # same weights: the next stage can start from the previous one
+
+
+def test_tracker_leaves_no_tracking_uri_behind(tmp_path, monkeypatch):
+    """Two runs in one process each get their own embedded store (MLflow exports the URI it is given)."""
+    import os
+
+    from sar_scale.training.tracking import Tracker
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        t = Tracker(True, tmp_path / name, experiment="e")
+        assert t.uri.endswith(f"{name}/mlflow.db")
+        t.start(None, {})
+        t.end()
+        assert "MLFLOW_TRACKING_URI" not in os.environ
