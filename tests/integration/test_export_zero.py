@@ -23,6 +23,15 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and much faster when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _worker(cfg_json: str, ports: str, ref_dir: str) -> int:
     import deepspeed
 
@@ -183,6 +192,13 @@ def test_s3_mirror_upload_registry_and_pipeline(runs, tmp_path, s3_env, capsys):
     assert mv.run_id == run_id and mv.source == f"runs:/{run_id}/export"
     logged = {f.path for f in client.list_artifacts(run_id, "export")}
     assert {"export/config.json", "export/model.safetensors", "export/README.md", "export/vq"} <= logged
+    # an export without a training run in the store (ZeRO-3 run had MLflow off) gets a run of its own
+    uri = f"sqlite:///{tmp_path / 'registry.db'}"
+    assert _export(runs["z3"], tmp_path / "reg3", "--register", "sar-debug", "--tracking-uri", uri) == 0
+    other = MlflowClient(uri)
+    mv3 = other.get_model_version("sar-debug", "1")
+    assert other.get_experiment(other.get_run(mv3.run_id).info.experiment_id).name == "sar-scale-exports"
+    assert mv3.tags["global_step"] == "2" and float(mv3.tags["max_abs_logit_diff"]) == 0.0
 
 
 def test_broken_checkpoints_are_refused(runs, tmp_path, capsys):

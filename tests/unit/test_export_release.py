@@ -26,6 +26,15 @@ from sar_scale.models import build_model
 TEXT_WIDTH = 32
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and much faster when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def build_parts(root: Path) -> dict:
     """Tiny random parts: demo-small VQ (codebook 1024, downsample 8), a 1-layer T5 text encoder,
     a text-conditional and a class-conditional debug FMT with vocab 1024."""

@@ -19,6 +19,15 @@ from sar_scale.export.pipeline import SARPipeline, derive_seed
 from tests.unit.test_export_release import build_parts, export_tiny
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models: one intra-op thread is as fast, and much faster when other jobs share the cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def exports(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gen")
@@ -47,6 +56,12 @@ def photo() -> Image.Image:
 
 def _arrays(images) -> list[np.ndarray]:
     return [np.asarray(im) for im in images]
+
+
+def test_top_level_import():
+    import sar_scale
+
+    assert sar_scale.SARPipeline is SARPipeline
 
 
 def test_generate_size_seed_determinism(text_pipe):
