@@ -25,7 +25,7 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -41,6 +41,9 @@ from sar_scale.checkpoint.manager import (
     verify_checkpoint,
 )
 from sar_scale.training.redact import redact_text
+
+if TYPE_CHECKING:
+    from sar_scale.models import FMTConfig
 
 logger = logging.getLogger(__name__)
 
@@ -335,7 +338,7 @@ def materialize(state: dict[str, Any]) -> dict[str, torch.Tensor]:
     return {k: (v if isinstance(v, torch.Tensor) else v.contiguous()) for k, v in state.items()}
 
 
-def model_config_for(src: CheckpointSource, override: str | None = None):
+def model_config_for(src: CheckpointSource, override: str | None = None) -> FMTConfig:
     """The FMTConfig of the checkpoint: ``override`` (named size or a JSON/YAML file of FMTConfig
     fields), else the training config stored with the checkpoint (or in its run folder)."""
     from sar_scale.config import load_config

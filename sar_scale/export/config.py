@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from sar_scale.config import ConfigError, StrictModel, load_config
 from sar_scale.sar.intervals import INTERVALS
 from sar_scale.sar.orders import ORDERS
+
+if TYPE_CHECKING:
+    from sar_scale.models import FMTConfig
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -142,7 +145,7 @@ class ExportConfig(StrictModel):
                 raise ValueError(f"text_encoder.dim ({self.text_encoder.dim}) != model.text_dim ({cfg.text_dim})")
         return self
 
-    def fmt_config(self):
+    def fmt_config(self) -> FMTConfig:
         from sar_scale.models import get_config
 
         return get_config(self.model)

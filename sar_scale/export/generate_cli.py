@@ -17,6 +17,12 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from sar_scale.export.pipeline import SARPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +51,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
             "top_p": args.top_p, "seed": args.seed, "kv_cache": not args.no_kv_cache}
 
 
-def load_pipeline(args: argparse.Namespace):
+def load_pipeline(args: argparse.Namespace) -> SARPipeline:
     from sar_scale.export.pipeline import SARPipeline
     from sar_scale.export.weights import torch_dtype
 
@@ -74,7 +80,7 @@ class StepBars:
             self.bar = None
 
 
-def image_grid(images: list, cols: int | None = None, pad: int = 2):
+def image_grid(images: list[Image.Image], cols: int | None = None, pad: int = 2) -> Image.Image:
     """Tile images (same size) into one near-square PIL image."""
     from PIL import Image
 

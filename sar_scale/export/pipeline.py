@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,13 @@ from sar_scale.export.weights import check_state_dict, load_state_dict
 from sar_scale.sar import Condition, SetPlan, sample
 from sar_scale.sar.intervals import INTERVALS
 from sar_scale.sar.orders import ORDERS
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from sar_scale.models import FullyMaskedTransformer
+    from sar_scale.tokenizers.text import TextEncoder
+    from sar_scale.tokenizers.vq import VQModel
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +54,7 @@ def default_device() -> str:
 
 
 def load_model(export_dir: str | Path, cfg: ExportConfig | None = None, device: str | torch.device = "cpu",
-               dtype: torch.dtype | None = torch.float32):
+               dtype: torch.dtype | None = torch.float32) -> FullyMaskedTransformer:
     """The FMT of an export, strictly checked against its config; ``dtype=None`` keeps the file dtype."""
     from sar_scale.models import FullyMaskedTransformer
 
@@ -96,7 +103,8 @@ class EditResult:
 class SARPipeline:
     """Text- or class-conditional image generation and editing with an exported SAR model."""
 
-    def __init__(self, model, vq, text_encoder, config: ExportConfig, device: str | torch.device = "cpu"):
+    def __init__(self, model: FullyMaskedTransformer, vq: VQModel, text_encoder: TextEncoder | None,
+                 config: ExportConfig, device: str | torch.device = "cpu"):
         self.model, self.vq, self.text_encoder, self.config = model, vq, text_encoder, config
         self.device = torch.device(device)
         self.downsample = int(vq.downsample)
@@ -156,8 +164,10 @@ class SARPipeline:
                                  f"(e.g. {lo} or {hi})")
         return int(height) // ds, int(width) // ds
 
-    def resolve_settings(self, steps=None, order=None, intervals=None, cfg_scale=None, cfg_schedule=None,
-                         temperature=None, top_k=None, top_p=None) -> dict:
+    def resolve_settings(self, steps: int | None = None, order: str | None = None, intervals: str | None = None,
+                         cfg_scale: float | None = None, cfg_schedule: str | None = None,
+                         temperature: float | None = None, top_k: int | None = None,
+                         top_p: float | None = None) -> dict[str, Any]:
         """Explicit options over the export's defaults, validated (errors name the option)."""
         d = self.config.sampling
         s = {"steps": d.num_sets if steps is None else int(steps), "order": order or d.order,
@@ -256,7 +266,7 @@ class SARPipeline:
         return torch.cat(out) if out else torch.empty(0, *grid, dtype=torch.long)
 
     @torch.inference_mode()
-    def decode(self, tokens_Bhw: torch.Tensor, batch_size: int = 8) -> list:
+    def decode(self, tokens_Bhw: torch.Tensor, batch_size: int = 8) -> list[Image.Image]:
         """Token grids -> PIL images (VQ decode in chunks)."""
         from PIL import Image
 
@@ -271,7 +281,7 @@ class SARPipeline:
                  width: int | None = None, steps: int | None = None, order: str | None = None,
                  cfg_scale: float | None = None, cfg_schedule: str | None = None, temperature: float | None = None,
                  top_k: int | None = None, top_p: float | None = None, seed: int = 0, batch_size: int = 8,
-                 class_ids: int | Sequence[int] | None = None, **kwargs) -> list:
+                 class_ids: int | Sequence[int] | None = None, **kwargs: Any) -> list[Image.Image]:
         """Generate images: one per prompt (or class id) x ``num_images_per_prompt``; see generate_tokens."""
         tokens = self.generate_tokens(prompts, height, width, steps, order, cfg_scale, cfg_schedule, temperature,
                                       top_k, top_p, seed, batch_size, class_ids, **kwargs)
@@ -279,7 +289,7 @@ class SARPipeline:
 
     # ------------------------------------------------------------------ editing
     @staticmethod
-    def load_image(image: ImageLike):
+    def load_image(image: ImageLike) -> Image.Image:
         from PIL import Image
 
         if isinstance(image, (str, Path)):
@@ -342,13 +352,13 @@ class SARPipeline:
                            known_tokens if known_mask is not None else None, known_mask)
         return EditResult(out.view(num_images, *grid).cpu(), known_hw, src_hw)
 
-    def edit(self, image: ImageLike, mask: ImageLike, prompt: str | None = None, **kwargs) -> list:
+    def edit(self, image: ImageLike, mask: ImageLike, prompt: str | None = None, **kwargs: Any) -> list[Image.Image]:
         """Edited images (see edit_tokens for the options)."""
         return self.decode(self.edit_tokens(image, mask, prompt, **kwargs).tokens)
 
     @staticmethod
     def outpaint_canvas(image: ImageLike, left: int = 0, top: int = 0, right: int = 0, bottom: int = 0,
-                        fill: tuple[int, int, int] = (127, 127, 127)):
+                        fill: tuple[int, int, int] = (127, 127, 127)) -> tuple[Image.Image, Image.Image]:
         """Place ``image`` on a larger canvas; returns (canvas, mask) with the new area white."""
         from PIL import Image
 

@@ -15,13 +15,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 import sar_scale
 from sar_scale.export.card import model_card
 from sar_scale.export.checkpoints import (
+    CheckpointSource,
     ExportError,
     consolidated_state,
     ema_state,
@@ -45,6 +46,12 @@ from sar_scale.export.config import (
 from sar_scale.export.weights import check_state_dict, save_sharded, torch_dtype
 from sar_scale.training.redact import redact_obj, redact_text
 
+if TYPE_CHECKING:
+    from sar_scale.models import FMTConfig
+    from sar_scale.sar import Condition, SetPlan
+    from sar_scale.tokenizers.text import TextEncoder
+    from sar_scale.tokenizers.vq import VQModel
+
 logger = logging.getLogger(__name__)
 
 README = "README.md"
@@ -63,7 +70,7 @@ class ExportResult:
 # ----------------------------------------------------------------------------- tokenizer / text encoder
 
 
-def copy_vq(source, out_dir: Path, vocab_size: int) -> VQRef:
+def copy_vq(source: str | Path | VQModel, out_dir: Path, vocab_size: int) -> VQRef:
     """Copy the VQ into ``out_dir`` as safetensors (a LlamaGen ``.pt`` is converted, never re-pickled)."""
     from sar_scale.tokenizers.vq import VQModel, load_vq, save_vq
 
@@ -76,7 +83,8 @@ def copy_vq(source, out_dir: Path, vocab_size: int) -> VQRef:
     return VQRef(path=out_dir.name, downsample=vq.downsample, codebook_size=vq.config.codebook_size, source=shown)
 
 
-def copy_text_encoder(source, out_dir: Path, text_dim: int, max_length: int) -> TextEncoderRef:
+def copy_text_encoder(source: str | Path | TextEncoder, out_dir: Path, text_dim: int, max_length: int
+                      ) -> TextEncoderRef:
     """Re-save the text encoder (model weights as safetensors + tokenizer files) into ``out_dir``."""
     from sar_scale.tokenizers.text import TextEncoder
 
@@ -95,7 +103,8 @@ def copy_text_encoder(source, out_dir: Path, text_dim: int, max_length: int) -> 
 # ----------------------------------------------------------------------------- verification
 
 
-def probe_batch(fmt, grid: tuple[int, int], seed: int = 0, batch: int = 2):
+def probe_batch(fmt: FMTConfig, grid: tuple[int, int], seed: int = 0, batch: int = 2
+                ) -> tuple[torch.Tensor, Condition, SetPlan]:
     """Random tokens, condition and a random-order plan: exercises every weight of the model."""
     from sar_scale.sar import Condition, SetPlan
 
@@ -114,7 +123,7 @@ def probe_batch(fmt, grid: tuple[int, int], seed: int = 0, batch: int = 2):
     return tokens, cond, plan
 
 
-def _logits(model, probe, dtype: torch.dtype) -> torch.Tensor:
+def _logits(model: torch.nn.Module, probe: tuple, dtype: torch.dtype) -> torch.Tensor:
     tokens, cond, plan = probe
     if cond.text is not None:
         cond = cond.to("cpu", dtype)
@@ -157,7 +166,8 @@ def verify_export(out_dir: Path, cfg: ExportConfig, reference: dict[str, torch.T
 # ----------------------------------------------------------------------------- the export
 
 
-def write_export(out_dir: str | Path, state: dict[str, Any], fmt, *, vq, text_encoder=None,
+def write_export(out_dir: str | Path, state: dict[str, Any], fmt: FMTConfig, *, vq: str | Path | VQModel,
+                 text_encoder: str | Path | TextEncoder | None = None,
                  dtype: str = "fp32", max_shard_size: int | str = "5GB", ema: bool = False,
                  source: SourceInfo | None = None, resolutions: list[int] | None = None,
                  default_resolution: int | None = None, sampling: SamplingDefaults | None = None,
@@ -213,7 +223,7 @@ def write_export(out_dir: str | Path, state: dict[str, Any], fmt, *, vq, text_en
     return cfg
 
 
-def _train_metadata(src, fmt) -> dict[str, Any]:
+def _train_metadata(src: CheckpointSource, fmt: FMTConfig) -> dict[str, Any]:
     """Resolutions, stages, default sampling and data description from the stored training config."""
     tc = redact_obj(src.train_config)
     stages = [{"name": s.get("name"), "resolution": s.get("resolution"), "steps": s.get("steps")}
@@ -238,7 +248,7 @@ def _train_metadata(src, fmt) -> dict[str, Any]:
             "default_resolution": int(stages[-1]["resolution"]) if stages and stages[-1].get("resolution") else None}
 
 
-def _data_info(src) -> list[dict[str, Any]]:
+def _data_info(src: CheckpointSource) -> list[dict[str, Any]]:
     """Per stage: shard URL (redacted) and, when the manifest is readable, sample count."""
     from sar_scale.data import schema
     from sar_scale.data.storage import open_storage
@@ -259,7 +269,7 @@ def _data_info(src) -> list[dict[str, Any]]:
     return out
 
 
-def _manifest_paths(src) -> dict[str, str]:
+def _manifest_paths(src: CheckpointSource) -> dict[str, str]:
     """VQ / text encoder paths recorded by `data prepare` in the first stage's manifest, if readable."""
     from sar_scale.data import schema
     from sar_scale.data.storage import open_storage
