@@ -169,20 +169,12 @@ class PlanDistribution(StrictModel):
     fixed_order_seed: int = Field(0, description="seed of the 'fixed_random' order (kept for inference)")
     subsample_stride: int = Field(2, ge=1)
 
-    @field_validator("orders")
+    @field_validator("orders", "intervals")
     @classmethod
-    def _check_orders(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = [k for k in v if k not in ORDERS]
-        if bad or not v or any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
-            raise ValueError(f"orders must map names in {ORDERS} to non-negative weights, got {v}")
-        return v
-
-    @field_validator("intervals")
-    @classmethod
-    def _check_intervals(cls, v: dict[str, float]) -> dict[str, float]:
-        bad = [k for k in v if k not in INTERVALS]
-        if bad or not v or any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
-            raise ValueError(f"intervals must map names in {INTERVALS} to non-negative weights, got {v}")
+    def _check_weights(cls, v: dict[str, float], info) -> dict[str, float]:
+        allowed = ORDERS if info.field_name == "orders" else INTERVALS
+        if not v or any(k not in allowed for k in v) or any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError(f"{info.field_name} must map names in {allowed} to non-negative weights, got {v}")
         return v
 
     @field_validator("num_sets")
