@@ -74,7 +74,8 @@ class VQRef(StrictModel):
 class TextEncoderRef(StrictModel):
     path: str = Field("text_encoder", description="directory relative to the export")
     dim: int = Field(..., ge=1)
-    max_length: int = Field(..., ge=1, description="tokens kept per caption (= model max_text_len)")
+    max_length: int = Field(..., ge=1, description="tokenizer truncation length used in training; the "
+                            "pipeline then keeps the first model.max_text_len features")
     padding_side: Literal["right", "left"] = "right"
     source: str | None = None
 

@@ -150,6 +150,10 @@ class SARPipeline:
         return self.model.config.cond == "class"
 
     # ------------------------------------------------------------------ helpers
+    def token_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """(h, w) tokens for an image size (default: the export's resolution); errors name the bad side."""
+        return self._grid(height, width)
+
     def _grid(self, height: int | None, width: int | None) -> tuple[int, int]:
         default = self.config.default_resolution or (self.config.resolutions[0] if self.config.resolutions else None)
         height = height or default
@@ -220,6 +224,8 @@ class SARPipeline:
         if self.is_class_conditional:
             return Condition(class_ids=torch.tensor(items, dtype=torch.long, device=self.device))
         emb_BLD, mask_BL = self.text_encoder(items)
+        keep = self.model.config.max_text_len  # as the training loader truncates precomputed features
+        emb_BLD, mask_BL = emb_BLD[:, :keep], mask_BL[:, :keep]
         return Condition(text=emb_BLD.to(self.device, self.model.tok_emb.weight.dtype), text_mask=mask_BL.to(self.device))
 
     def _plan(self, grid: tuple[int, int], s: dict, seed: int, batch: int) -> SetPlan:

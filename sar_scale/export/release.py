@@ -172,7 +172,7 @@ def write_export(out_dir: str | Path, state: dict[str, Any], fmt: FMTConfig, *, 
                  source: SourceInfo | None = None, resolutions: list[int] | None = None,
                  default_resolution: int | None = None, sampling: SamplingDefaults | None = None,
                  data: list[dict[str, Any]] | None = None, metrics: dict[str, dict[str, float]] | None = None,
-                 name: str | None = None) -> ExportConfig:
+                 name: str | None = None, text_max_length: int | None = None) -> ExportConfig:
     """Write an export directory from a (possibly lazy) state dict; raises ExportError if it fails to verify.
 
     ``vq``: a VQ directory/file or a VQModel; ``text_encoder``: a TextEncoder directory or instance
@@ -195,7 +195,8 @@ def write_export(out_dir: str | Path, state: dict[str, Any], fmt: FMTConfig, *, 
     if fmt.cond == "text":
         if text_encoder is None:
             raise ExportError("the model is text-conditional: a text encoder is required (--text-encoder DIR)")
-        te_ref = copy_text_encoder(text_encoder, out / "text_encoder", fmt.text_dim, fmt.max_text_len)
+        te_ref = copy_text_encoder(text_encoder, out / "text_encoder", fmt.text_dim,
+                                   text_max_length or fmt.max_text_len)
     elif (out / "text_encoder").exists():
         shutil.rmtree(out / "text_encoder")
     resolutions = sorted(set(resolutions or []))
@@ -269,8 +270,9 @@ def _data_info(src: CheckpointSource) -> list[dict[str, Any]]:
     return out
 
 
-def _manifest_paths(src: CheckpointSource) -> dict[str, str]:
-    """VQ / text encoder paths recorded by `data prepare` in the first stage's manifest, if readable."""
+def _manifest_paths(src: CheckpointSource) -> dict[str, Any]:
+    """What `data prepare` recorded in the first stage's manifest (VQ / text encoder paths, whether
+    text features were precomputed and at which tokenizer length), if readable."""
     from sar_scale.data import schema
     from sar_scale.data.storage import open_storage
 
@@ -280,10 +282,25 @@ def _manifest_paths(src: CheckpointSource) -> dict[str, str]:
     if not url:
         return {}
     try:
-        tok = (schema.read_manifest(open_storage(url)).get("config") or {}).get("tokenize") or {}
+        man = schema.read_manifest(open_storage(url))
     except Exception:  # noqa: BLE001 - optional hint only
         return {}
-    return {k: v for k, v in (("vq", tok.get("vq_path")), ("text_encoder", tok.get("text_encoder_path"))) if v}
+    tok = (man.get("config") or {}).get("tokenize") or {}
+    out = {k: v for k, v in (("vq", tok.get("vq_path")), ("text_encoder", tok.get("text_encoder_path")),
+                             ("text_max_length", tok.get("text_max_length"))) if v}
+    return {**out, "text_features": bool(man.get("text_features"))}
+
+
+def _text_max_length(src: CheckpointSource, manifest: dict[str, Any], fmt: FMTConfig) -> int:
+    """Caption tokens the text encoder saw in training: the model's max_text_len when captions were encoded
+    on the fly; the `data prepare` length when features were precomputed (the loader then kept the first
+    max_text_len features, as the pipeline does)."""
+    mode = (src.train_config.get("data") or {}).get("cond", "auto")
+    if mode == "auto":
+        mode = "text_features" if manifest.get("text_features") else "text_encoder"
+    if mode == "text_features" and manifest.get("text_max_length"):
+        return int(manifest["text_max_length"])
+    return fmt.max_text_len
 
 
 def _locate(kind: str, explicit: str | None, candidates: list[tuple[str, str | None]]) -> str:
@@ -332,6 +349,7 @@ def export_checkpoint(source: str, out_dir: str | Path, *, ema: bool = False, dt
                               [("data.text_encoder", (tc.get("data") or {}).get("text_encoder")),
                                ("the data manifest", manifest.get("text_encoder"))])
         cfg = write_export(out, state, fmt, vq=vq_path, text_encoder=te_path, dtype=dtype,
+                           text_max_length=_text_max_length(src, manifest, fmt) if te_path else None,
                            max_shard_size=max_shard_size, ema=ema, source=meta["source"],
                            resolutions=meta["resolutions"], default_resolution=meta["default_resolution"],
                            sampling=meta["sampling"], data=_data_info(src), metrics=stage_metrics(src.run_dir),

@@ -226,3 +226,26 @@ def test_edit_cli(exports, photo, tmp_path, capsys):
                         str(tmp_path / "mask.png"), "--resize", "48x40", "--steps", "2", "--out",
                         str(tmp_path / "r.png"), "--device", "cpu"])
     assert rc == 0 and Image.open(tmp_path / "r.png").size == (48, 40)
+
+
+def test_text_features_length_matches_training(exports, tmp_path):
+    """Shards with precomputed features were encoded at `data prepare`'s length and cut to max_text_len
+    by the loader; the export records that length and the pipeline cuts the same way."""
+    from sar_scale.export.checkpoints import CheckpointSource
+    from sar_scale.export.release import _text_max_length
+    from sar_scale.models import get_config
+
+    fmt = get_config("debug", cond="text", max_text_len=16)
+    src = CheckpointSource(tmp_path, "zero", {"config": {"data": {"cond": "auto"}}}, None, "x", True)
+    assert _text_max_length(src, {"text_features": True, "text_max_length": 120}, fmt) == 120
+    assert _text_max_length(src, {"text_features": False, "text_max_length": 120}, fmt) == 16
+    src.train_state["config"]["data"]["cond"] = "text_encoder"
+    assert _text_max_length(src, {"text_features": True, "text_max_length": 120}, fmt) == 16
+    parts = build_parts(tmp_path / "parts")
+    export_tiny(parts, tmp_path / "e", text_max_length=40)
+    pipe = SARPipeline.from_pretrained(tmp_path / "e", device="cpu")
+    assert pipe.config.text_encoder.max_length == 40 and pipe.text_encoder.max_length == 40
+    long = " ".join(["a red circle on the left and"] * 6)
+    cond = pipe._condition([long, "a dot"])
+    assert cond.text.shape[1] == 16 and bool(cond.text_mask[0].all()) and not bool(cond.text_mask[1].all())
+    assert pipe(long, steps=2)[0].size == (64, 64)
