@@ -301,6 +301,10 @@ class S3Storage(Storage):
 
             if isinstance(e, (BotoCoreError, ClientError)):
                 raise self._fail(op, key, e) from None
+            from boto3.exceptions import S3UploadFailedError
+
+            if isinstance(e, S3UploadFailedError):  # the transfer manager's wrapper of a failed PutObject
+                raise StorageError(f"{op} {self.url(key)} failed after retries: {_redact(str(e))}") from None
             raise
 
     def put_file(self, local: str | Path, key: str) -> None:
@@ -315,11 +319,33 @@ class S3Storage(Storage):
     def put_bytes(self, data: bytes, key: str) -> None:
         self._call("put", key, self.client.put_object, Bucket=self.bucket, Key=self._k(key), Body=data)
 
-    def get_bytes(self, key: str) -> bytes:
-        def get():
-            return self.client.get_object(Bucket=self.bucket, Key=self._k(key))["Body"].read()
+    def _read_body(self, key: str, **kw: Any) -> bytes:
+        """GET + read the whole body, retrying a body cut mid-stream.
 
-        return self._call("get", key, get)
+        botocore retries failed *calls*, but a connection reset while the body is being read happens
+        after its retry loop has returned (ResponseStreamingError / IncompleteReadError), so that
+        case is retried here, with the same attempt budget and exponential backoff with jitter.
+        """
+        import random
+        import time
+
+        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+        attempts = int(self._client_kw["max_attempts"]) + 1  # as botocore: the first call + the retries
+        for i in range(attempts):
+            body = self.client.get_object(Bucket=self.bucket, Key=self._k(key), **kw)["Body"]
+            try:
+                return body.read()
+            except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError) as e:
+                if i == attempts - 1:
+                    raise
+                logger.warning("%s: body read failed (%s), retrying (%d/%d)", self.url(key), type(e).__name__,
+                               i + 1, attempts - 1)
+                time.sleep(min(20.0, random.random() * 2**i))
+        raise AssertionError("unreachable")
+
+    def get_bytes(self, key: str) -> bytes:
+        return self._call("get", key, self._read_body, key)
 
     def get_range(self, key: str, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
@@ -327,12 +353,7 @@ class S3Storage(Storage):
         if size == 0:
             return b""
 
-        def get():
-            r = self.client.get_object(Bucket=self.bucket, Key=self._k(key),
-                                       Range=f"bytes={offset}-{offset + size - 1}")
-            return r["Body"].read()
-
-        data = self._call("range-get", key, get)
+        data = self._call("range-get", key, self._read_body, key, Range=f"bytes={offset}-{offset + size - 1}")
         if len(data) != size:
             raise StorageError(f"{self.url(key)}: range {offset}+{size} beyond end of object")
         return data
