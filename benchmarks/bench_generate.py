@@ -7,6 +7,9 @@ the `demo-small` VQ and a tiny T5 text encoder of the demo's text width, written
 
     python benchmarks/bench_generate.py                      # 128 px (16x16 = 256 tokens), batch 4
     python benchmarks/bench_generate.py --size 256 --steps 64 16 8 --batch 8 --device cuda
+
+On a CPU shared with other jobs use ``--threads 1``: with 2 intra-op threads and busy cores, OpenMP's
+spin-waiting made the same sampling call 10-50x slower here (0.4 s -> 4-21 s).
 """
 
 from __future__ import annotations
