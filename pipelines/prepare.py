@@ -41,7 +41,7 @@ from pipelines.writer import plan_hash, write_shard
 from sar_scale.config import ConfigError, load_config
 from sar_scale.data import schema
 from sar_scale.data.buckets import bucket_name, bucket_table
-from sar_scale.data.storage import Storage, open_storage
+from sar_scale.data.storage import Storage, StorageError, open_storage
 
 logger = logging.getLogger(__name__)
 
@@ -381,6 +381,9 @@ def main(argv: list[str]) -> int:
     except (ConfigError, ValueError) as e:
         print(f"sar-scale data prepare: {e}", file=sys.stderr)
         return 2
+    except StorageError as e:  # object store down or refusing us after the retry budget: say so, no traceback
+        print(f"sar-scale data prepare: storage failed: {e}", file=sys.stderr)
+        return 1
     finally:
         if "ray" in sys.modules:
             import ray
