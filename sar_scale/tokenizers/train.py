@@ -70,6 +70,11 @@ class VQTrainConfig(StrictModel):
     """Random horizontal flips (augmentation)."""
     seed: int = 0
     eval_batch_size: int = 32
+    restart_dead_codes_every: int = 50
+    """Every N steps, codes unused since the last check are re-seeded from this batch's encoder
+    latents (0 disables). Not in LlamaGen; it makes short CPU runs use the codebook far better."""
+    threads: int | None = None
+    """torch intra-op threads (None: torch's default). 1 is faster on a CPU shared with others."""
 
     @model_validator(mode="after")
     def _check(self) -> VQTrainConfig:
@@ -245,9 +250,28 @@ def split_holdout(n: int, fraction: float, seed: int) -> tuple[list[int], list[i
     return sorted(idx[n_hold:]), sorted(idx[:n_hold])
 
 
+@torch.no_grad()
+def restart_dead_codes(model: VQModel, used_K: torch.Tensor, gen: torch.Generator) -> int:
+    """Re-seed unused codebook entries with random latents of the last training batch (plus a
+    little noise), so they get picked and trained; returns how many were re-seeded."""
+    latents_ND = getattr(model.quantize, "last_latents_ND", None)
+    dead = (~used_K).nonzero().flatten()
+    if latents_ND is None or not len(dead):
+        return 0
+    pick = torch.randint(len(latents_ND), (len(dead),), generator=gen)
+    new_KD = latents_ND[pick] + 0.01 * torch.randn(len(dead), latents_ND.shape[1], generator=gen)
+    if model.config.codebook_l2_norm:
+        new_KD = F.normalize(new_KD, dim=-1)
+    weight = model.quantize.embedding.weight
+    weight[dead] = new_KD.to(weight.dtype)
+    return len(dead)
+
+
 def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict[str, Any]:
     """Train a VQ per ``cfg``, save it to ``cfg.out`` and return a summary (metrics, timings)."""
     t0 = time.time()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     data = load_images(cfg.data, cfg.image_size, cfg.max_images, progress=progress)
@@ -272,6 +296,8 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict[str, Any]:
         return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
     history: list[dict[str, float]] = []
+    used_K = torch.zeros(vcfg.codebook_size, dtype=torch.bool)
+    restarts = 0
     bar = tqdm(range(cfg.steps), desc="train VQ", unit="step", disable=not progress)
     for step in bar:
         for group in opt.param_groups:
@@ -281,7 +307,8 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict[str, Any]:
         if cfg.flip:
             flip_B = torch.rand(len(x_B3SS), generator=gen) < 0.5
             x_B3SS = torch.where(flip_B[:, None, None, None], x_B3SS.flip(-1), x_B3SS)
-        rec_B3SS, _, vq_losses = model(x_B3SS)
+        rec_B3SS, codes_Bhw, vq_losses = model(x_B3SS)
+        used_K[codes_Bhw.flatten()] = True
         rec_l2 = F.mse_loss(rec_B3SS, x_B3SS)
         rec_l1 = F.l1_loss(rec_B3SS, x_B3SS)
         loss = cfg.l2_weight * rec_l2 + cfg.l1_weight * rec_l1 + sum(vq_losses.values())
@@ -293,6 +320,10 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict[str, Any]:
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         opt.step()
+        every = cfg.restart_dead_codes_every
+        if every and (step + 1) % every == 0 and step + 1 < cfg.steps:
+            restarts += restart_dead_codes(model, used_K, gen)
+            used_K.zero_()
         if step % 25 == 0 or step == cfg.steps - 1:
             rec = {"step": step, "loss": loss.item(), "l2": rec_l2.item(), "l1": rec_l1.item(),
                    **{k: v.item() for k, v in vq_losses.items()}}
@@ -312,6 +343,7 @@ def train_vq(cfg: VQTrainConfig, progress: bool = True) -> dict[str, Any]:
         "params": model.num_params(),
         "downsample": vcfg.downsample,
         "final_loss": history[-1]["loss"] if history else None,
+        "dead_code_restarts": restarts,
     }
     save_vq(model, out, extra={"trained_by": "sar-scale tokenizer train", "image_size": cfg.image_size,
                                "heldout": metrics})

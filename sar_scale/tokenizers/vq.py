@@ -103,8 +103,11 @@ VQ_CONFIGS: dict[str, dict[str, Any]] = {
              "codebook_size": 16384, "codebook_embed_dim": 8},
     # Trained by this project on CPU in minutes (`sar-scale tokenizer train`); downsample 8 so
     # 64 px shapes images still get an 8x8 grid; one res block per level keeps a step ~0.3 s.
+    # 8 GroupNorm groups keep LlamaGen's >= 4 channels per group: with 1 channel per group the
+    # decoder's last norm fixes each output channel's per-image mean, and flat colours come out
+    # averaged for hundreds of steps (measured on the shapes data).
     "demo-small": {"ch": 32, "ch_mult": [1, 1, 2, 2], "z_channels": 64, "num_res_blocks": 1,
-                   "codebook_size": 1024, "codebook_embed_dim": 8},
+                   "norm_groups": 8, "codebook_size": 1024, "codebook_embed_dim": 8},
 }
 
 
@@ -327,6 +330,8 @@ class VectorQuantizer(nn.Module):
             if self.entropy_loss_ratio > 0:
                 losses["entropy"] = self.entropy_loss_ratio * _entropy_loss(z_BhwD.reshape(-1, d),
                                                                             self.codebook())
+        if self.training:  # kept for dead-code restarts in the trainer (not part of the model)
+            self.last_latents_ND = z_BhwD.detach().reshape(-1, d)
         zq_BhwD = z_BhwD + (zq_BhwD - z_BhwD).detach()
         return zq_BhwD.permute(0, 3, 1, 2).to(z_BDhw.dtype), idx_N.view(b, h, w), losses
 

@@ -183,7 +183,7 @@ def test_config_errors_name_the_field(tmp_path):
     with pytest.raises(ConfigError, match="unknown VQ config 'VQ-32'"):
         VQConfig.named("VQ-32")
     with pytest.raises(ConfigError, match="norm_groups"):
-        vq_config("demo-small", ["ch=48"])
+        vq_config("demo-small", ["ch=36"])
     with pytest.raises(ConfigError, match="codebook_sise"):
         vq_config("demo-small", ["codebook_sise=5"])
     cfg = vq_config("demo-small", ["codebook_size=512"])
