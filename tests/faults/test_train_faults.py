@@ -300,3 +300,25 @@ def _flip(p: Path) -> None:
 
 def _truncate(p: Path) -> None:
     p.write_bytes(p.read_bytes()[:-100])
+
+
+def test_config_field_secrets_are_redacted_in_the_resolved_config(tmp_path, capsys, monkeypatch, figures):
+    """Secrets inside config fields (credentials in a tracking URI, a token-named DeepSpeed key) and in the
+    environment never reach the resolved config / DeepSpeed JSON that `train --print-config` shows (the same
+    redaction writes RUN_DIR/config.yaml and ds_config.*.json); the non-secret parts still do."""
+    from sar_scale.training.cli import main as train_main
+
+    field_canary = "CANARY-field-pw-51f0e2"
+    token_canary = "CANARY-field-token-c3d9"
+    monkeypatch.setenv("MLFLOW_TRACKING_TOKEN", CANARY_MLFLOW)
+    cfg = train_config(tmp_path / "run", "shards",
+                       mlflow={"enabled": True, "tracking_uri": f"http://alice:{field_canary}@127.0.0.1:9/"},
+                       deepspeed={"zero_stage": 1, "extra": {"wall_clock_breakdown": False,
+                                                             "monitor_api_token": token_canary}})
+    path = write_cfg(tmp_path / "cfg.yaml", cfg)
+    assert train_main([str(path), "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "127.0.0.1:9" in out and "wall_clock_breakdown" in out  # the fields are shown...
+    for canary in (field_canary, token_canary, CANARY_MLFLOW):
+        assert canary not in out  # ...their secrets are not
+    figures.record("8_secrets", "config_fields_print_config", tried=3, survived=3, lost=0)
