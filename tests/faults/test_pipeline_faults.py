@@ -286,13 +286,22 @@ def test_driver_sigkill_then_rerun_is_exactly_the_clean_result(s3_env, tmp_path,
     committed_at_kill = sum(k.endswith(".stats.json") for k in direct.list())
     assert 1 <= committed_at_kill < len(schema.committed_shards(open_storage(clean_prepare["out"])))
     assert not direct.exists(schema.MANIFEST)
-    # Ray's raylet and GCS die with the driver; its DashboardAgent and RuntimeEnvAgent do not (upstream
-    # Ray: they wait on the dead GCS). Recorded in the figures, then killed (we started them).
-    _, alive = psutil.wait_procs(family, timeout=3)
-    orphans = []
-    for p in alive:
+    # Ray's raylet, GCS and workers die with the driver; its DashboardAgent and RuntimeEnvAgent do not
+    # (upstream Ray: they wait on the dead GCS). Recorded in the figures, then killed (we started them).
+    orphans: list[str] = []
+    for _ in range(150):
+        orphans = []
+        for p in family:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    orphans.append(" ".join(p.cmdline())[:40] or p.name())
+            except psutil.NoSuchProcess:
+                pass
+        if all("Agent" in o for o in orphans):
+            break
+        time.sleep(0.1)
+    for p in family:
         try:
-            orphans.append(p.name())
             p.kill()
         except psutil.NoSuchProcess:
             pass
