@@ -39,7 +39,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from sar_scale.config import StrictModel, load_config
 
@@ -66,6 +66,11 @@ class FaultConfig(StrictModel):
         "off", description="fail every request this way (an outage); overrides the rates")
     methods: list[str] | None = Field(None, description="only these HTTP methods get faults (default all)")
     seed: int = Field(0, description="seed of the deterministic fault schedule")
+
+    @field_validator("permanent", mode="before")
+    @classmethod
+    def _status_as_text(cls, v: Any) -> Any:
+        return str(v) if isinstance(v, int) else v  # `permanent=503` on a command line parses as an int
 
     @model_validator(mode="after")
     def _total(self) -> FaultConfig:
@@ -315,8 +320,12 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    base = FaultConfig.mixed(a.rate, seed=a.seed).model_dump()
-    cfg = load_config(FaultConfig, a.config or base, a.overrides)
+    try:
+        base = FaultConfig.mixed(a.rate, seed=a.seed).model_dump()
+        cfg = load_config(FaultConfig, a.config or base, a.overrides)
+    except ValueError as e:  # ConfigError included: names the field
+        print(f"s3_fault_proxy: {e}", file=sys.stderr)
+        return 2
     proxy = S3FaultProxy(a.upstream, cfg, port=a.port).start()
     print(f"s3 fault proxy on {proxy.endpoint} -> {a.upstream} ({cfg.model_dump()})", flush=True)
     try:

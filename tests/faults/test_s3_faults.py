@@ -168,3 +168,34 @@ def test_permanent_outage_ends_each_client_path_with_a_clear_error(s3_server, tm
     finally:
         for px in proxies.values():
             px.stop()
+
+
+def test_proxy_cli_serves_faults_and_reports_counts(s3_server):
+    """`python -m sar_scale.utils.s3_fault_proxy` prints its endpoint, injects the configured fault, and on
+    Ctrl-C prints what it injected."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    from tests.faults.conftest import REPO, clean_env
+
+    proc = subprocess.Popen([sys.executable, "-m", "sar_scale.utils.s3_fault_proxy", "--upstream", s3_server.endpoint,
+                             "permanent=503"], env=clean_env(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    try:
+        first = proc.stdout.readline()
+        assert first.startswith("s3 fault proxy on http://127.0.0.1:"), first
+        endpoint = first.split()[4]
+        with pytest.raises(urllib.error.HTTPError) as ei:
+            urllib.request.urlopen(f"{endpoint}/some-bucket/key", timeout=10)
+        assert ei.value.code == 503 and b"<Code>SlowDown</Code>" in ei.value.read()
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert "'permanent': 1" in out and "'requests': 1" in out, out
