@@ -237,7 +237,10 @@ def test_clis_fail_fast_naming_the_key(tmp_path, capsys, figures):
     assert not run_dir.exists()
     import sys
 
+    import torch.distributed as dist
+
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
+    assert not dist.is_initialized()
     figures.record("6_bad_config", "cli_fail_fast", tried=len(cases), survived=len(cases), lost=0)
 
 
