@@ -19,7 +19,6 @@ import contextlib
 import io
 import json
 import logging
-import os
 import pickle
 import re
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from sar_scale.checkpoint.manager import (
     step_of,
     verify_checkpoint,
 )
+from sar_scale.checkpoint.safe_load import deepspeed_safe_globals, restricted_unpickling
 from sar_scale.training.redact import redact_text
 
 if TYPE_CHECKING:
@@ -219,36 +219,8 @@ def resolve_checkpoint(source: str, download_dir: Path) -> CheckpointSource:
 # ----------------------------------------------------------------------------- consolidation
 
 
-def _deepspeed_safe_globals() -> list[Any]:
-    """Plain-data DeepSpeed classes found in ZeRO checkpoints (dataclass, enum, loss-scaler state)."""
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    return [fragment_address, ZeroStageEnum, LossScaler, DynamicLossScaler]
-
-
-@contextlib.contextmanager
-def restricted_unpickling(trust: bool = False) -> Iterator[None]:
-    """Force torch's weights-only unpickler (plus a small allowlist) on every torch.load inside."""
-    if trust:
-        logger.warning("--trust-checkpoint: DeepSpeed files are unpickled without restriction")
-        yield
-        return
-    old = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
-            yield
-    finally:
-        if old is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = old
-
-
 def _unsafe_report(ckpt: Path) -> str:
-    allowed = {f"{c.__module__}.{c.__qualname__}" for c in _deepspeed_safe_globals()}
+    allowed = {f"{c.__module__}.{c.__qualname__}" for c in deepspeed_safe_globals()}
     found = []
     for f in sorted(ckpt.rglob("*.pt")):
         try:

@@ -34,6 +34,7 @@ from sar_scale.checkpoint.manager import (
     read_train_state,
     set_rng_state,
 )
+from sar_scale.checkpoint.safe_load import restricted_unpickling
 from sar_scale.config import ConfigError
 from sar_scale.data.loader import DataPosition, ShardIndex, StageStream
 from sar_scale.distributed import comm, faults
@@ -225,14 +226,15 @@ class Trainer:
         ZeRO-0 keeps full weights in ``mp_rank_00_model_states.pt``, which loads with
         ``weights_only=True``. ZeRO 1-3: DeepSpeed's ``zero_to_fp32`` reassembles the fp32 master weights
         from the optimizer partitions of any number of ranks; it unpickles them with
-        ``weights_only=False`` (their format needs it), acceptable only because every caller passes a
-        checkpoint whose checksums were verified, i.e. files this training run wrote.
+        ``weights_only=False``; we force torch's weights-only unpickler around it (plus DeepSpeed's few
+        plain-data classes), so a tampered checkpoint cannot run code even though its checksums verify.
         """
         state = read_train_state(ckpt)
         if int(state.get("zero_stage", 0)) > 0:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-            sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+            with restricted_unpickling():
+                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
         else:
             blob = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
             sd = blob["module"]
@@ -423,8 +425,9 @@ class Trainer:
             for _ in range(start_step):  # the LR schedule continues where it was
                 sched.step()
         if src is not None:
-            engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
-                                   load_lr_scheduler_states=resume_from is not None)
+            with restricted_unpickling():  # a tampered checkpoint is refused, never executed
+                engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
+                                       load_lr_scheduler_states=resume_from is not None)
             if resume_from is None:  # kept moments, fresh schedule: re-apply this stage's lr
                 for g, lr in zip(optimizer.param_groups, sched.get_last_lr()):
                     g["lr"] = lr

@@ -37,12 +37,6 @@ ALLOWLIST: dict[tuple[str, str, str], str] = {
     ("sar_scale/eval/fid.py", "torch.jit.load", "__init__"):
         "TorchScript archive of the FID Inception network at a path the user gives; TorchScript runs no "
         "Python and its data is read by torch's restricted unpickler",
-    ("sar_scale/training/trainer.py", "deepspeed-unpickles", "load_consolidated"):
-        "DeepSpeed zero_to_fp32 (torch.load weights_only=False) on a checkpoint whose COMPLETE.json checksums "
-        "were verified first (files this run wrote); see docs/reliability.md, open gap G3",
-    ("sar_scale/training/trainer.py", "deepspeed-unpickles", "_run_stage"):
-        "DeepSpeed engine.load_checkpoint (torch.load weights_only=False) on a verified checkpoint; "
-        "see docs/reliability.md, open gap G3",
     ("sar_scale/distributed/comm.py", "object-collective", "broadcast_object"):
         "pickle between the ranks of one job (our own processes over the process group)",
     ("sar_scale/distributed/comm.py", "object-collective", "all_gather_object"):
