@@ -77,6 +77,17 @@ def _enable_token_auth() -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+def reload_token() -> None:
+    """Ray caches the auth token process-wide on first use; re-read it so a token given now
+    (env or file, e.g. a second cluster in the same process) is the one sent."""
+    try:
+        from ray._raylet import AuthenticationTokenLoader
+
+        AuthenticationTokenLoader.instance().reset_cache()
+    except (ImportError, AttributeError):  # older Ray without token auth
+        pass
+
+
 def _reachable(address: str) -> None:
     """Fail fast (2 s) with what to do, instead of Ray's long retry loop and stack trace."""
     try:
@@ -94,6 +105,7 @@ def _reachable(address: str) -> None:
 def client(address: str):
     """A ``JobSubmissionClient`` with Ray 2.60's token auth handled."""
     _enable_token_auth()
+    reload_token()
     _reachable(address)
     from ray.job_submission import JobSubmissionClient
 

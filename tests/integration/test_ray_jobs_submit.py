@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.backends.ray_jobs import RayBackend
+from cluster.backends.ray_jobs import RayBackend, reload_token
 from cluster.cli import main as submit_main
 from cluster.jobs_cli import main as jobs_main
 from cluster.registry import JobRegistry
@@ -98,6 +98,7 @@ def ray_head():
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_ADDRESS")}
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=head.token)
     os.environ.pop("RAY_ADDRESS", None)
+    reload_token()  # an earlier in-process Ray (other tests) cached ~/.ray/auth_token's token
     try:
         head.wait_ready()
         yield head
@@ -108,6 +109,7 @@ def ray_head():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        reload_token()
 
 
 def _inputs(tmp: Path) -> tuple[Path, Path]:
