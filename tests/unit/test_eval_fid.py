@@ -70,6 +70,19 @@ class _PlainNet(torch.nn.Module):
         return torch.stack([x.mean(dim=(2, 3))[:, 0], x.mean(dim=(2, 3))[:, 2], x.std(dim=(2, 3))[:, 1]], 1)
 
 
+def _script_save(cls_name: str, path) -> None:
+    """Script and save one of the nets above in a fresh interpreter: earlier in-process DeepSpeed runs
+    in the same pytest session leave torch state behind that makes ``ScriptModule.save`` fail."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[2]
+    code = (f"import sys, torch; sys.path.insert(0, {str(repo)!r}); "
+            f"from tests.unit.test_eval_fid import {cls_name}; torch.jit.script({cls_name}()).save({str(path)!r})")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=repo)
+
+
 def _folder(path, colors, n=12, seed=0):
     path.mkdir(parents=True)
     rng = np.random.default_rng(seed)
@@ -82,7 +95,7 @@ def _folder(path, colors, n=12, seed=0):
 
 def test_fid_with_scripted_feature_nets(tmp_path):
     weights = tmp_path / "tiny_inception.pt"
-    torch.jit.script(_StyleGANLikeNet()).save(str(weights))
+    _script_save("_StyleGANLikeNet", weights)
     red = _folder(tmp_path / "red", [(200, 40, 40), (180, 60, 50)])
     red2 = _folder(tmp_path / "red2", [(200, 40, 40), (180, 60, 50)], seed=1)
     blue = _folder(tmp_path / "blue", [(40, 40, 200), (50, 60, 180)])
@@ -94,7 +107,7 @@ def test_fid_with_scripted_feature_nets(tmp_path):
     assert same["fid"] == pytest.approx(0.0, abs=1e-6)
     assert 0 < near["fid"] < far["fid"]
     plain = tmp_path / "plain.pt"
-    torch.jit.script(_PlainNet()).save(str(plain))
+    _script_save("_PlainNet", plain)
     ext2 = FeatureExtractor(plain, image_size=16, input_range="0-1")
     res = fid_from_images(ext2, [Image.open(p) for p in list_images(red)], list_images(blue), progress=False)
     assert ext2._return_features is False and res["feature_dim"] == 3 and res["fid"] > 0.1
