@@ -119,7 +119,9 @@ class Dashboard:
         self.stop()
         raise TimeoutError(f"mlflow server did not answer on {self.url} within {timeout:.0f} s")
 
-    def stop(self, timeout: float = 15.0) -> None:
+    def stop(self, timeout: float = 5.0) -> None:
+        # uvicorn waits for open keep-alive connections (a browser tab) before it exits on SIGTERM,
+        # so the grace period is short and SIGKILL follows
         if self.proc is None or self.proc.poll() is not None:
             return
         try:
