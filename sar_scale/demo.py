@@ -79,6 +79,7 @@ class Demo:
     eval_steps: list[int] = field(default_factory=lambda: [16, 8, 4])
     eval_orders: list[str] = field(default_factory=lambda: ["random", "raster"])
     eval_ar: bool = True
+    temperature: float | None = 0.7  # None = the export's default (1.0)
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get(
         "SAR_SCALE_CACHE", Path.home() / ".cache" / "sar-scale")))
     quiet: bool = False
@@ -288,7 +289,7 @@ class Demo:
         prompts.write_text("\n".join(SAMPLE_PROMPTS) + "\n")
         self.run("samples", self.cli("generate", "--model", str(self.p("model")), "--prompts-file", str(prompts),
                                      "--out", str(self.p("samples")), "--seed", str(self.seed),
-                                     "--batch-size", "16"))
+                                     "--batch-size", "16", *self.sampling_flags()))
         grid = self.p("samples", "grid.png")
         if not grid.is_file():
             raise StageError(f"generate wrote no {grid}")
@@ -299,7 +300,8 @@ class Demo:
         cmd = self.cli("eval", "--model", str(self.p("model")), "--suite", "shapes", "nll",
                        "--shards", str(self.p("shards_heldout")), "--out", str(self.p("eval")),
                        "--mlflow-uri", self.tracking_uri, "--seed", str(self.seed),
-                       "--steps", *map(str, self.eval_steps), "--orders", *self.eval_orders)
+                       "--steps", *map(str, self.eval_steps), "--orders", *self.eval_orders,
+                       *self.sampling_flags())
         if not self.eval_ar:
             cmd.append("--no-ar")
         if self.quiet:
@@ -315,6 +317,9 @@ class Demo:
         self.results["eval"].note = (f"all-three accuracy {100 * default['acc_all']:.1f}% at the default plan "
                                      f"{shapes['default_plan']} ({shapes['resolution']} px)")
         return str(self.p("eval"))
+
+    def sampling_flags(self) -> list[str]:
+        return [] if self.temperature is None else ["--temperature", str(self.temperature)]
 
     def _log_to_mlflow(self, path: Path, artifact_path: str) -> None:
         run_id = self.facts.get("mlflow_run_id")
@@ -453,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-steps", type=int, nargs="+", default=[16, 8, 4], help="SAR step counts to evaluate")
     p.add_argument("--eval-orders", nargs="+", default=["random", "raster"], help="orders to evaluate")
     p.add_argument("--no-eval-ar", action="store_true", help="skip the AR plan in the evaluation")
+    p.add_argument("--temperature", type=float, default=0.7,
+                   help="sampling temperature for the sample grid and the evaluation (default 0.7; "
+                        "a negative value uses the export's default, 1.0)")
     p.add_argument("--fresh", action="store_true", help="delete WORKDIR first (default: reuse it; training resumes)")
     p.add_argument("--stop-after", choices=STAGES, help="stop after this stage")
     p.add_argument("--quiet", action="store_true", help="no live progress lines")
@@ -472,7 +480,8 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(work)
     demo = Demo(work, minutes=a.minutes, images=a.images, heldout=a.heldout, corrupt=a.corrupt, seed=a.seed,
                 ranks=a.ranks, vq_steps=a.vq_steps, train_steps=a.train_steps, eval_steps=a.eval_steps,
-                eval_orders=a.eval_orders, eval_ar=not a.no_eval_ar, quiet=a.quiet)
+                eval_orders=a.eval_orders, eval_ar=not a.no_eval_ar, quiet=a.quiet,
+                temperature=None if a.temperature < 0 else a.temperature)
     try:
         demo.train_stages()  # validate --train-steps before any work
     except ValueError as e:
