@@ -96,9 +96,11 @@ def make_generate_fn(pipe, resolution: int, sampling: dict[str, Any], batch_size
     """The shapes/FID suites' ``generate(prompts, plan, seed) -> images`` over a SARPipeline."""
     from tqdm import tqdm
 
-    grid = pipe._grid(resolution, resolution)
+    side = resolution // pipe.downsample
+    grid = (side, side)
 
-    def generate(prompts: list[str], plan, seed: int):
+    def generate(prompts: list, plan, seed: int):
+        """Captions for text models; class ids for class-conditional ones."""
         steps = grid[0] * grid[1] if plan.is_ar else plan.num_sets
         bar = tqdm(total=len(prompts), desc=f"  {plan.name(grid)}", unit="img", disable=not progress, leave=False)
 
@@ -106,9 +108,10 @@ def make_generate_fn(pipe, resolution: int, sampling: dict[str, Any], batch_size
             if step == total:
                 bar.update(min(batch_size, len(prompts) - b * batch_size))
 
-        tokens = pipe.generate_tokens(prompts, resolution, resolution, steps=steps, order=plan.order,
+        cond = {"class_ids": prompts} if pipe.is_class_conditional else {"prompts": prompts}
+        tokens = pipe.generate_tokens(height=resolution, width=resolution, steps=steps, order=plan.order,
                                       intervals="equal" if plan.is_ar else plan.intervals, seed=seed,
-                                      batch_size=batch_size, progress=cb, **sampling)
+                                      batch_size=batch_size, progress=cb, **cond, **sampling)
         bar.close()
         return pipe.decode(tokens, batch_size)
 
@@ -125,6 +128,8 @@ def default_plan_of(pipe):
 def run_shapes(pipe, args, out: Path, resolution: int, elog) -> dict[str, Any]:
     from sar_scale.eval.shapes import format_table, run_shapes_suite
 
+    if pipe.is_class_conditional:
+        raise ValueError("--suite shapes needs a text-conditional model (its prompts are captions)")
     plans = _plans(args)
     default = default_plan_of(pipe)
     if default not in plans:
@@ -211,10 +216,10 @@ def run_fid(pipe, args, out: Path, resolution: int, elog) -> dict[str, Any]:
     if not args.reference:
         raise ValueError("--suite fid needs --reference DIR (the real images to compare with)")
     ref = list_images(args.reference)[: args.fid_images]
-    prompts = _reference_prompts(ref) if not pipe.is_class_conditional else None
-    if not prompts:
-        prompts = [p.caption for p in shapes_prompts()]
-        logger.info("FID: reference images have no same-stem captions; generating from the shapes prompts")
+    if pipe.is_class_conditional:
+        prompts: list = list(range(pipe.model.config.num_classes))  # classes round robin
+    else:
+        prompts = _reference_prompts(ref) or [p.caption for p in shapes_prompts()]
     prompts = [prompts[i % len(prompts)] for i in range(len(ref))]
     plan = default_plan_of(pipe)
     gen, grid = make_generate_fn(pipe, resolution, _sampling(args), args.batch_size, not args.quiet)
@@ -267,7 +272,8 @@ def main(argv: list[str]) -> int:
         resolution = args.resolution or pipe.config.default_resolution or max(pipe.config.resolutions or [0])
         if not resolution:
             raise ValueError("--resolution is required: the export records no trained resolution")
-        pipe._grid(resolution, resolution)  # a clear error for a size the VQ cannot tile
+        if resolution % pipe.downsample:
+            raise ValueError(f"--resolution {resolution} must be a multiple of the VQ downsample {pipe.downsample}")
         out.mkdir(parents=True, exist_ok=True)
         elog = _open_logger(args, pipe, out)
         if elog is not None:
