@@ -68,6 +68,21 @@ def latest_run_path(store_uri: str) -> str | None:
     return f"#/experiments/{r.experiment_id}/runs/{r.run_id}"
 
 
+def _die_with_parent() -> None:
+    """Linux: the server gets SIGTERM when this process dies, even by SIGKILL (no orphaned UI).
+
+    ``mlflow server`` stops its uvicorn worker on SIGTERM. Elsewhere this is a no-op and the
+    SIGTERM/SIGINT handlers of :func:`main` do the cleanup.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
 def _mlflow_cmd() -> list[str]:
     exe = Path(sys.executable).parent / "mlflow"
     if exe.exists():
@@ -102,7 +117,7 @@ class Dashboard:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

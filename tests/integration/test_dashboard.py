@@ -104,7 +104,7 @@ def test_dashboard_shows_run_loss_chart_and_sample_image(tmp_path):
     try:
         url, run_url = _read_url(proc)
         assert url.startswith("http://127.0.0.1:") and run_id in run_url
-        wait = WebDriverWait(driver, 90)
+        wait = WebDriverWait(driver, 150)
 
         def visible_text(text: str):
             return lambda d: [e for e in d.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']")
@@ -139,15 +139,37 @@ def test_dashboard_shows_run_loss_chart_and_sample_image(tmp_path):
         assert not _port_open(url)
     finally:
         driver.quit()
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
+        if proc.poll() is None:  # a failed check: stop it the way a user would, kill only as a last resort
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(10)
     assert all(p.stat().st_size > 10_000 for p in shots)
     out = os.environ.get("SAR_SCALE_TEST_ARTIFACTS")
     if out:  # CI keeps the screenshots
         Path(out).mkdir(parents=True, exist_ok=True)
         for p in shots:
             shutil.copy(p, Path(out) / p.name)
+
+
+def test_server_dies_with_a_killed_cli(tmp_path):
+    """SIGKILL of the dashboard CLI (no handler can run) still stops the MLflow server."""
+    _training_run(tmp_path / "w" / "train")
+    proc = subprocess.Popen([sys.executable, "-m", "sar_scale.cli", "dashboard", "--workdir", str(tmp_path / "w")],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        url, _ = _read_url(proc)
+        assert _port_open(url)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    deadline = time.monotonic() + 30
+    while _port_open(url) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _port_open(url)
 
 
 def test_dashboard_cli_errors(tmp_path):
