@@ -68,7 +68,7 @@ def latest_run_path(store_uri: str) -> str | None:
     return f"#/experiments/{r.experiment_id}/runs/{r.run_id}"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: the server gets SIGTERM when this process dies, even by SIGKILL (no orphaned UI).
 
     ``mlflow server`` stops its uvicorn worker on SIGTERM. Elsewhere this is a no-op and the
@@ -117,7 +117,7 @@ class Dashboard:
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
         out = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
         self.proc = subprocess.Popen(self.command(), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                     start_new_session=True, preexec_fn=_die_with_parent)
+                                     start_new_session=True, preexec_fn=die_with_parent)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -193,8 +193,9 @@ def main(argv: list[str]) -> int:
         # the server runs in its own session: on SIGTERM/SIGHUP stop it too, never leave it orphaned
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, _terminate)
-    signal.signal(signal.SIGHUP, _terminate)
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python keeps it ignored
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     print(f"starting MLflow UI on {uri} ...", flush=True)
     try:
         try:

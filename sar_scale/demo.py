@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -32,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from sar_scale.dashboard import die_with_parent
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ class Demo:
             f.write(f"\n$ {' '.join(cmd)}\n".encode())
             f.flush()
             proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=self.env(),
-                                    start_new_session=True)
+                                    start_new_session=True, preexec_fn=die_with_parent)
             t0 = time.monotonic()
             last_print = 0.0
             tty = sys.stdout.isatty()
@@ -426,8 +429,6 @@ def _free_port() -> int:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    import signal
-
     try:
         os.killpg(proc.pid, signal.SIGTERM)  # the stage's own session (start_new_session)
         proc.wait(30)
@@ -487,6 +488,12 @@ def main(argv: list[str]) -> int:
     except ValueError as e:
         print(f"sar-scale demo: {e}", file=sys.stderr)
         return 2
+    def _terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # stop the running stage (its own session) on SIGTERM/SIGHUP too
+
+    # SIGINT too: a shell starts background jobs with SIGINT ignored, and Python keeps it ignored
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     try:
         return demo.run_all(a.stop_after)
     except KeyboardInterrupt:
