@@ -29,6 +29,7 @@ import argparse
 import hashlib
 import http.client
 import logging
+import signal
 import socket
 import struct
 import sys
@@ -326,6 +327,9 @@ def main(argv: list[str]) -> int:
     except ValueError as e:  # ConfigError included: names the field
         print(f"s3_fault_proxy: {e}", file=sys.stderr)
         return 2
+    # a shell starts background jobs with SIGINT ignored; Ctrl-C / SIGINT must stop us anyway
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     proxy = S3FaultProxy(a.upstream, cfg, port=a.port).start()
     print(f"s3 fault proxy on {proxy.endpoint} -> {a.upstream} ({cfg.model_dump()})", flush=True)
     try:
