@@ -102,6 +102,10 @@ class Demo:
         env = dict(os.environ)
         env.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "MLFLOW_DISABLE_TELEMETRY": "true",
                     "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"})
+        # One intra-op thread per process unless the user says otherwise: the stages are small, and on
+        # a CPU shared with other work two spinning OpenMP threads ran 2-3x slower than one (measured);
+        # torchrun gives each training rank one thread anyway.
+        env.setdefault("OMP_NUM_THREADS", "1")
         return env
 
     def run(self, stage: str, cmd: list[str], label: str | None = None) -> None:
@@ -208,7 +212,9 @@ class Demo:
 
     def stage_prepare(self) -> str:
         cfg = str(REPO_CONFIGS / "data.yaml")
-        common = [f"tokenize.vq_path={self.p('vq')}", f"tokenize.text_encoder_path={self.p('text_encoder')}"]
+        # the demo owns its workdir: shards made with an older VQ/encoder are rebuilt, not refused
+        common = [f"tokenize.vq_path={self.p('vq')}", f"tokenize.text_encoder_path={self.p('text_encoder')}",
+                  "output.overwrite=true"]
         self.run("prepare", self.cli("data", "prepare", cfg, f"input.path={self.p('data', 'shapes')}",
                                      f"output.url={self.p('shards')}", *common))
         self.run("prepare", self.cli("data", "prepare", cfg, f"input.path={self.p('data', 'heldout')}",
@@ -245,7 +251,18 @@ class Demo:
         return stages
 
     def stage_train(self) -> str:
+        # A rerun resumes an interrupted training - unless the shards or the curriculum changed (new
+        # VQ, new data, other --minutes): then old checkpoints belong to another run; start over.
         stages = self.train_stages()
+        data_hash = json.loads(self.p("shards", "manifest.json").read_text()).get("config_hash", "")
+        key = json.dumps({"data": data_hash, "stages": stages, "config": self.train_config()}, sort_keys=True)
+        stamp = self.p("train", "demo_inputs.json")
+        if self.p("train").exists() and (not stamp.is_file() or stamp.read_text().strip() != key):
+            logger.warning("shards or curriculum changed since %s was trained: training from scratch",
+                           self.p("train"))
+            shutil.rmtree(self.p("train"))
+        self.p("train").mkdir(parents=True, exist_ok=True)
+        stamp.write_text(key + "\n")
         flow = yaml.safe_dump(stages, default_flow_style=True, width=10_000).strip()
         total = sum(s["steps"] for s in stages)
         warmup = min(int(self.train_config()["optim"].get("warmup_steps", 0)), max(1, stages[0]["steps"] // 5))
