@@ -61,3 +61,21 @@ def test_cli_rejects_bad_values(tmp_path, capsys):
     assert "--images" in capsys.readouterr().err
     assert main(["--workdir", str(tmp_path), "--train-steps", "5"]) == 2
     assert "one per curriculum stage" in capsys.readouterr().err
+
+
+def test_stale_build_lock_is_cleared_fresh_one_kept(tmp_path, monkeypatch):
+    """A lock left by a killed JIT build would make torch (and so training) wait forever."""
+    import os
+    import time
+
+    from sar_scale.demo import clear_stale_build_locks
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    old = tmp_path / "deepspeed_shm_comm" / "lock"
+    new = tmp_path / "py311_cpu" / "other_op" / "lock"
+    for p in (old, new):
+        p.parent.mkdir(parents=True)
+        p.write_text("")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert clear_stale_build_locks() == [old]
+    assert not old.exists() and new.exists()
