@@ -297,8 +297,7 @@ class _ResumableS3Body(io.RawIOBase):
                 data = self.body.read(len(b))
                 if not data:  # an early EOF is a cut too (a proxy may close without an error)
                     raise IncompleteReadError(actual_bytes=self.pos, expected_bytes=self.size)
-            except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ProtocolError, ConnectionError,
-                    OSError) as e:
+            except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ProtocolError, OSError) as e:
                 attempt += 1
                 self._reopen(e, attempt)
                 continue
