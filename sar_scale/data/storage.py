@@ -242,6 +242,21 @@ def make_s3_client(endpoint_url: str | None = None, region: str | None = None,
     return boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=region, config=cfg)
 
 
+def _body_errors() -> tuple[type[BaseException], ...]:
+    """Errors raised while a GET's body is streamed (after botocore's call retries have returned)."""
+    from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+
+    return ResponseStreamingError, IncompleteReadError, ReadTimeoutError
+
+
+def _backoff(attempt: int) -> None:
+    """Sleep before retry ``attempt`` (1-based): exponential with full jitter, capped at 20 s."""
+    import random
+    import time
+
+    time.sleep(min(20.0, random.random() * 2 ** (attempt - 1)))
+
+
 class _ResumableS3Body(io.RawIOBase):
     """The raw stream behind :meth:`S3Storage.open_read`.
 
@@ -255,7 +270,7 @@ class _ResumableS3Body(io.RawIOBase):
         super().__init__()
         self.storage, self.key = storage, key
         self.pos = 0
-        self.attempts = int(storage._client_kw["max_attempts"]) + 1
+        self.attempts = storage.attempts
         r = storage._call("get", key, storage.client.get_object, Bucket=storage.bucket, Key=storage._k(key))
         self.etag, self.size, self.body = r.get("ETag"), int(r["ContentLength"]), r["Body"]
         self.resumes = 0
@@ -264,16 +279,13 @@ class _ResumableS3Body(io.RawIOBase):
         return True
 
     def _reopen(self, err: Exception | str, attempt: int) -> None:
-        import random
-        import time
-
         if attempt >= self.attempts:
             raise StorageError(f"get {self.storage.url(self.key)} failed after {attempt} body attempts at byte "
                                f"{self.pos} of {self.size}: {_redact(str(err))}")
         logger.warning("%s: body cut at byte %d of %d (%s), resuming (%d/%d)", self.storage.url(self.key),
                        self.pos, self.size, err if isinstance(err, str) else type(err).__name__, attempt,
                        self.attempts - 1)
-        time.sleep(min(20.0, random.random() * 2 ** (attempt - 1)))
+        _backoff(attempt)
         try:
             self.body.close()
         except Exception:  # noqa: BLE001 - the old connection is already broken
@@ -286,7 +298,7 @@ class _ResumableS3Body(io.RawIOBase):
         self.resumes += 1
 
     def readinto(self, b) -> int:
-        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
+        from botocore.exceptions import IncompleteReadError
         from urllib3.exceptions import ProtocolError
 
         if self.pos >= self.size:
@@ -297,7 +309,7 @@ class _ResumableS3Body(io.RawIOBase):
                 data = self.body.read(len(b))
                 if not data:  # an early EOF is a cut too (a proxy may close without an error)
                     raise IncompleteReadError(actual_bytes=self.pos, expected_bytes=self.size)
-            except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError, ProtocolError, OSError) as e:
+            except (*_body_errors(), ProtocolError, OSError) as e:
                 attempt += 1
                 self._reopen(e, attempt)
                 continue
@@ -330,6 +342,11 @@ class S3Storage(Storage):
     def __repr__(self) -> str:  # no credentials, ever
         ep = self._client_kw["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL") or "aws"
         return f"S3Storage({self.root!r}, endpoint={_redact(ep)!r})"
+
+    @property
+    def attempts(self) -> int:
+        """Body-read attempts, as botocore counts calls: the first one + the configured retries."""
+        return int(self._client_kw["max_attempts"]) + 1
 
     # boto3 clients are not picklable: Ray workers rebuild theirs lazily (one per thread).
     def __getstate__(self) -> dict[str, Any]:
@@ -398,22 +415,17 @@ class S3Storage(Storage):
         after its retry loop has returned (ResponseStreamingError / IncompleteReadError), so that
         case is retried here, with the same attempt budget and exponential backoff with jitter.
         """
-        import random
-        import time
-
-        from botocore.exceptions import IncompleteReadError, ReadTimeoutError, ResponseStreamingError
-
-        attempts = int(self._client_kw["max_attempts"]) + 1  # as botocore: the first call + the retries
+        attempts = self.attempts
         for i in range(attempts):
             body = self.client.get_object(Bucket=self.bucket, Key=self._k(key), **kw)["Body"]
             try:
                 return body.read()
-            except (ResponseStreamingError, IncompleteReadError, ReadTimeoutError) as e:
+            except _body_errors() as e:
                 if i == attempts - 1:
                     raise
                 logger.warning("%s: body read failed (%s), retrying (%d/%d)", self.url(key), type(e).__name__,
                                i + 1, attempts - 1)
-                time.sleep(min(20.0, random.random() * 2**i))
+                _backoff(i + 1)
         raise AssertionError("unreachable")
 
     def get_bytes(self, key: str) -> bytes:
