@@ -47,6 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-sets", default="16")
     p.add_argument("--intervals", default="cosine")
     p.add_argument("--cond-dropout", type=float, default=0.1)
+    p.add_argument("--frac-pos", action="store_true", help="fractional position embeddings (FMTConfig.frac_pos)")
     p.add_argument("--evals", default="random-16-cosine,random-8-cosine", help="plans to evaluate")
     p.add_argument("--temps", default="0.3")
     p.add_argument("--cfgs", default="2.0")
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
 
     data = {r: load_shards(a.work, r) for r in (32, 64)}
     cfg = get_config("demo", width=a.width, enc_layers=a.layers, dec_layers=a.dec_layers or a.layers,
-                     heads=a.heads, cond_dropout=a.cond_dropout)
+                     heads=a.heads, cond_dropout=a.cond_dropout, frac_pos=a.frac_pos)
     model = build_model(cfg)
     params = sum(p.numel() for p in model.parameters())
     groups = [{"params": [p for p in model.parameters() if p.ndim >= 2], "weight_decay": a.wd},

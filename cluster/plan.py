@@ -56,7 +56,7 @@ class ModelShape:
     dec_linear: int  # decoder blocks except cross-attention K/V: act on the target tokens
     cross_kv_linear: int  # decoder cross-attention K/V projections: act on the encoder memory
     head: int
-    pos_proj: int
+    pos_proj: int  # absolute (+ fractional) position projections: act on image tokens and targets
     text_proj: int
 
 
@@ -78,7 +78,8 @@ def model_shape(model_cfg) -> ModelShape:
         params=m.num_parameters(), width=c.width, enc_layers=c.enc_layers, dec_layers=c.dec_layers,
         vocab=c.vocab_size, cond_tokens=(c.max_text_len + 1) if c.cond == "text" else 1,
         enc_linear=sum(lin(b) for b in m.encoder), dec_linear=sum(lin(b, "cross_attn.wkv") for b in m.decoder),
-        cross_kv_linear=cross_kv, head=m.head.weight.numel(), pos_proj=m.pos_proj.weight.numel(),
+        cross_kv_linear=cross_kv, head=m.head.weight.numel(),
+        pos_proj=m.pos_proj.weight.numel() + (m.frac_proj.weight.numel() if m.frac_proj is not None else 0),
         text_proj=m.text_proj.weight.numel() if c.cond == "text" else 0)
 
 

@@ -82,6 +82,7 @@ class Demo:
     eval_steps: list[int] = field(default_factory=lambda: [16, 8, 4])
     eval_orders: list[str] = field(default_factory=lambda: ["random", "raster"])
     eval_ar: bool = True
+    eval_samples: int = 4  # images per prompt and plan: 75 prompts x 4 = 300 (+-2.5 points, not +-5 at 75)
     temperature: float | None = 0.3  # None = the export's default (1.0)
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get(
         "SAR_SCALE_CACHE", Path.home() / ".cache" / "sar-scale")))
@@ -322,6 +323,7 @@ class Demo:
                        "--shards", str(self.p("shards_heldout")), "--out", str(self.p("eval")),
                        "--mlflow-uri", self.tracking_uri, "--seed", str(self.seed),
                        "--steps", *map(str, self.eval_steps), "--orders", *self.eval_orders,
+                       "--samples-per-prompt", str(self.eval_samples),
                        *self.sampling_flags())
         if not self.eval_ar:
             cmd.append("--no-ar")
@@ -332,6 +334,7 @@ class Demo:
         shapes = res["shapes"]
         default = next(p for p in shapes["plans"] if p["plan"] == shapes["default_plan"])
         self.facts["eval"] = {"default_plan": shapes["default_plan"], "resolution": shapes["resolution"],
+                              "images": default["n"],
                               "plans": {p["plan"]: {k: p[f"acc_{k}"] for k in ("color", "shape", "position", "all")}
                                         for p in shapes["plans"]},
                               "nll": {p["plan"]: p["nll"] for p in res["nll"]["plans"]}}
@@ -398,7 +401,8 @@ class Demo:
                 lines.append(f"{'':<27}{r.note}")
         ev = self.facts.get("eval")
         if ev:
-            lines += ["", f"shapes accuracy at {ev['resolution']} px (75 prompts per plan; detector: color/shape/position):",
+            lines += ["", f"shapes accuracy at {ev['resolution']} px ({ev.get('images', '?')} images per plan = 75 prompts x "
+                      f"{self.eval_samples}; detector: color/shape/position):",
                       f"  {'plan':<20}{'color':>7}{'shape':>7}{'pos':>7}{'all-3':>7}   NLL nats/token"]
             for plan, a in ev["plans"].items():
                 mark = " <- default" if plan == ev["default_plan"] else ""
@@ -499,6 +503,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-steps", type=int, nargs="+", default=[16, 8, 4], help="SAR step counts to evaluate")
     p.add_argument("--eval-orders", nargs="+", default=["random", "raster"], help="orders to evaluate")
     p.add_argument("--no-eval-ar", action="store_true", help="skip the AR plan in the evaluation")
+    p.add_argument("--eval-samples", type=int, default=4,
+                   help="shapes images per prompt and plan (default 4: 75 prompts -> 300 images per plan)")
     p.add_argument("--temperature", type=float, default=0.3,
                    help="sampling temperature for the sample grid and the evaluation (default 0.3: on the "
                         "demo model 0.3 gave 60%% all-three vs 54%% at 0.7 (225 images); a negative value uses the "
@@ -513,7 +519,7 @@ def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     bad = [(n, v) for n, v in (("--images", a.images), ("--heldout", a.heldout), ("--ranks", a.ranks),
-                               ("--minutes", a.minutes)) if v <= 0]
+                               ("--minutes", a.minutes), ("--eval-samples", a.eval_samples)) if v <= 0]
     if bad or a.corrupt < 0:
         print(f"sar-scale demo: {bad[0][0] if bad else '--corrupt'} must be positive", file=sys.stderr)
         return 2
@@ -522,7 +528,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(work)
     demo = Demo(work, minutes=a.minutes, images=a.images, heldout=a.heldout, corrupt=a.corrupt, seed=a.seed,
                 ranks=a.ranks, vq_steps=a.vq_steps, train_steps=a.train_steps, eval_steps=a.eval_steps,
-                eval_orders=a.eval_orders, eval_ar=not a.no_eval_ar, quiet=a.quiet,
+                eval_orders=a.eval_orders, eval_ar=not a.no_eval_ar, eval_samples=a.eval_samples, quiet=a.quiet,
                 temperature=None if a.temperature < 0 else a.temperature)
     try:
         demo.train_stages()  # validate --train-steps before any work

@@ -34,6 +34,9 @@ class FMTConfig(StrictModel):
     rope_scaling: Literal["none", "linear", "ntk"] = Field(
         "none", description="extrapolation past rope_train_grid: linear position interpolation or NTK base scaling")
     rope_train_grid: tuple[int, int] | None = Field(None, description="token grid trained on (for rope_scaling)")
+    frac_pos: bool = Field(
+        False, description="also embed each image token's fractional position ((row+0.5)/H, (col+0.5)/W), so "
+        "'right' or 'bottom' name the same place in every aspect bucket (NaViT-style); absolute positions stay")
     norm_eps: float = Field(1e-5, gt=0)
     qk_norm: bool = Field(False, description="RMSNorm on queries and keys (stabilises large runs)")
     attn_impl: Literal["sdpa", "flex"] = Field("sdpa", description="torch SDPA with boolean masks, or flex attention block masks (CUDA)")

@@ -22,7 +22,14 @@ from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils.checkpoint import checkpoint
 
 from sar_scale.models.config import FMTConfig
-from sar_scale.models.layers import DecoderBlock, EncoderBlock, Rope2D, init_weights, sincos_2d
+from sar_scale.models.layers import (
+    DecoderBlock,
+    EncoderBlock,
+    Rope2D,
+    frac_positions,
+    init_weights,
+    sincos_2d,
+)
 from sar_scale.sar.condition import Condition
 from sar_scale.sar.plan import SetPlan
 
@@ -78,6 +85,9 @@ class FullyMaskedTransformer(nn.Module):
         self.tok_emb = nn.Embedding(cfg.vocab_size, d)
         self.mask_token = nn.Parameter(torch.zeros(d))
         self.pos_proj = nn.Linear(4 * (d // 4), d, bias=False)  # absolute 2D position of image tokens/targets
+        # Fractional position (where in the picture, whatever the bucket): only when configured, so older
+        # checkpoints keep their exact state dict.
+        self.frac_proj = nn.Linear(4 * (d // 4), d, bias=False) if cfg.frac_pos else None
         if cfg.cond == "class":
             self.class_emb = nn.Embedding(cfg.num_classes + 1, d)  # last row = null class
         else:
@@ -109,11 +119,15 @@ class FullyMaskedTransformer(nn.Module):
 
     def _pos_emb(self, pos_BT2: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         cfg = self.config
+        frac = frac_positions(pos_BT2, grid) if self.frac_proj is not None else None  # grid-free already
         if cfg.rope_scaling == "linear" and cfg.rope_train_grid is not None:
             scale = torch.tensor([max(1.0, grid[0] / cfg.rope_train_grid[0]),
                                   max(1.0, grid[1] / cfg.rope_train_grid[1])], device=pos_BT2.device)
             pos_BT2 = pos_BT2 / scale
-        return self.pos_proj(sincos_2d(pos_BT2, self.config.width).to(dtype))
+        emb = self.pos_proj(sincos_2d(pos_BT2, cfg.width).to(dtype))
+        if frac is not None:
+            emb = emb + self.frac_proj(sincos_2d(frac, cfg.width).to(dtype))
+        return emb
 
     def _targets(self, pos_BT2: torch.Tensor, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
         """Decoder inputs: the shared mask token plus the target's absolute position."""

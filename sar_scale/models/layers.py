@@ -60,6 +60,19 @@ def sincos_2d(pos_BT2: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=-1)
 
 
+FRAC_POS_SCALE = 32.0  # fractions in [0, 1] spread over sincos_2d's frequencies as if on a 32-wide grid
+
+
+def frac_positions(pos_BT2: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """(row, col) as cell-centre fractions of the grid, ((r + 0.5) / H, (c + 0.5) / W), times FRAC_POS_SCALE.
+
+    The same place in the picture gets the same value in a 4x4, 8x8 or 6x10 grid, which absolute
+    positions cannot give a multi-aspect, multi-resolution model (NaViT's fractional positions).
+    """
+    size = torch.tensor([float(grid[0]), float(grid[1])], device=pos_BT2.device)
+    return (pos_BT2.float() + 0.5) / size * FRAC_POS_SCALE
+
+
 def apply_rope(x_BHTE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x = x_BHTE.unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]

@@ -25,6 +25,7 @@ def test_demo_configs_are_valid():
     assert model.cond == "text" and model.vocab_size == vc.vq_config().codebook_size
     assert pc.tokenize.text_max_length == model.max_text_len
     assert all(r % vc.vq_config().downsample == 0 for r in res)
+    assert model.frac_pos  # multi-aspect buckets: position words need fractional positions (see train.yaml)
 
 
 def test_minutes_scale_training_steps(tmp_path):
@@ -59,6 +60,8 @@ def test_prompt_list_covers_the_vocabulary():
 def test_cli_rejects_bad_values(tmp_path, capsys):
     assert main(["--workdir", str(tmp_path), "--images", "0"]) == 2
     assert "--images" in capsys.readouterr().err
+    assert main(["--workdir", str(tmp_path), "--eval-samples", "0"]) == 2
+    assert "--eval-samples" in capsys.readouterr().err
     assert main(["--workdir", str(tmp_path), "--train-steps", "5"]) == 2
     assert "one per curriculum stage" in capsys.readouterr().err
 

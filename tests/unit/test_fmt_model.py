@@ -149,6 +149,30 @@ def test_any_resolution_train_one_grid_sample_another():
                              SetPlan.build((4, 4), num_sets=2, intervals="equal"))).all()
 
 
+def test_fractional_positions_name_the_same_place_in_every_grid():
+    from sar_scale.models.layers import frac_positions
+
+    # the right-middle cell of a 4x4, 8x8 and 6x10 grid: same column fraction, same row fraction
+    cells = {(4, 4): (1.5, 3), (8, 8): (3.5, 7), (6, 10): (2.5, 9)}
+    fr = {g: frac_positions(torch.tensor([[[r, c]]]), g)[0, 0] for g, (r, c) in cells.items()}
+    for g in cells:
+        torch.testing.assert_close(fr[g][0], fr[(4, 4)][0])
+    assert fr[(4, 4)][1] < fr[(8, 8)][1] < fr[(6, 10)][1]  # (c + 0.5) / W: 3.5/4 < 7.5/8 < 9.5/10
+    # off by default (older checkpoints keep their exact state dict); on: causal, cached == recomputed
+    assert not any("frac" in k for k in _model().state_dict())
+    m = _model(frac_pos=True)
+    assert "frac_proj.weight" in m.state_dict()
+    plan = SetPlan.build((3, 5), order="random", num_sets=4, intervals="random", batch_size=2, seed=1)
+    outs = [sample(m, _cls(2), plan, kv_cache=kv, generator=torch.Generator().manual_seed(5)) for kv in (True, False)]
+    assert torch.equal(outs[0], outs[1])
+    tok = torch.randint(0, 64, (2, 15), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        a = m(tok, _cls(2), plan)
+        m.frac_proj.weight.zero_()  # the fractional term really reaches the logits
+        b = m(tok, _cls(2), plan)
+    assert (a - b).abs().max() > 1e-4
+
+
 @pytest.mark.parametrize("name", list(MODEL_SIZES))
 def test_named_sizes_parameter_counts(name):
     lo, hi = MODEL_SIZES[name][1]
