@@ -161,11 +161,19 @@ class Demo:
         return str(data)
 
     def vq_key(self) -> str:
-        """Hash of what decides the VQ: the demo images (labels.jsonl), the VQ config, the step count."""
+        """Hash of what decides the VQ: the demo images (labels.jsonl), the resolved VQ config, the steps.
+
+        Run-speed knobs (``threads``) are left out: they change how fast the VQ trains, not what it is
+        meant to be, so changing them does not throw a trained VQ away.
+        """
+        from sar_scale.config import load_config
+        from sar_scale.tokenizers.train import VQTrainConfig
+
+        cfg = load_config(VQTrainConfig, REPO_CONFIGS / "vq.yaml", ["data=x", "out=x"])
         h = hashlib.sha256()
         h.update(self.p("data", "shapes", "labels.jsonl").read_bytes())
-        h.update((REPO_CONFIGS / "vq.yaml").read_bytes())
-        h.update(json.dumps({"steps": self.vq_steps, "format": 1}).encode())
+        h.update(json.dumps(cfg.model_dump(mode="json", exclude={"data", "out", "threads"}), sort_keys=True).encode())
+        h.update(json.dumps({"steps": self.vq_steps, "format": 2}).encode())
         return h.hexdigest()[:16]
 
     def stage_vq(self) -> str:

@@ -49,6 +49,28 @@ def test_vq_cache_key_follows_data_and_steps(tmp_path):
     assert d.vq_key() != k1
 
 
+def test_vq_cache_key_ignores_threads_not_training_settings(tmp_path, monkeypatch):
+    import shutil
+
+    import sar_scale.demo as demo_mod
+
+    conf = tmp_path / "configs"
+    shutil.copytree(REPO_CONFIGS, conf / "demo")
+    shutil.copytree(REPO_CONFIGS.parent / "tokenizer", conf / "tokenizer")
+    monkeypatch.setattr(demo_mod, "REPO_CONFIGS", conf / "demo")
+    labels = tmp_path / "w" / "data" / "shapes" / "labels.jsonl"
+    labels.parent.mkdir(parents=True)
+    labels.write_text(json.dumps({"file": "000000.png"}) + "\n")
+    d = Demo(tmp_path / "w")
+    k1 = d.vq_key()
+    vq_yaml = conf / "demo" / "vq.yaml"
+    vq_yaml.write_text(vq_yaml.read_text() + "\nthreads: 1\n")  # a speed knob: same VQ
+    assert d.vq_key() == k1
+    base = conf / "tokenizer" / "demo_small.yaml"  # the file vq.yaml layers over counts too
+    base.write_text(base.read_text().replace("lr: 0.002", "lr: 0.001"))
+    assert d.vq_key() != k1
+
+
 def test_prompt_list_covers_the_vocabulary():
     from sar_scale.data.synthetic import COLORS, POSITIONS, SHAPES
 
