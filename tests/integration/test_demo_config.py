@@ -104,3 +104,11 @@ def test_stale_build_lock_is_cleared_fresh_one_kept(tmp_path, monkeypatch):
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     assert clear_stale_build_locks() == [old]
     assert not old.exists() and new.exists()
+
+
+def test_stage_threads_default_one_vq_all_cores_user_wins(tmp_path, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    d = Demo(tmp_path)
+    assert d.env()["OMP_NUM_THREADS"] == "1" and d.env(threads=2)["OMP_NUM_THREADS"] == "2"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert d.env(threads=2)["OMP_NUM_THREADS"] == "3"
