@@ -144,12 +144,16 @@ class EncoderBlock(nn.Module):
         self.ffn = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                past_kv: tuple[torch.Tensor, torch.Tensor] | None = None):
-        """Returns (x, (k, v)) where k/v include ``past_kv`` (the KV cache) when given."""
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None):
+        """Returns (x, (k, v)). With ``cache`` = (k_buf, v_buf, start), this block's K/V are written into
+        the preallocated buffers at ``start`` and the queries see keys [0, start + T) (the KV cache)."""
         h = self.attn_norm(x)
         k, v = self.attn.project_kv(h, rope)
-        if past_kv is not None:
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+        if cache is not None:
+            k_buf, v_buf, start = cache
+            end = start + k.shape[2]
+            k_buf[:, :, start:end], v_buf[:, :, start:end] = k, v
+            k, v = k_buf[:, :, :end], v_buf[:, :, :end]
         x = x + self.attn.attend(h, k, v, rope, mask)
         x = x + self.ffn(self.ffn_norm(x))
         return x, (k, v)

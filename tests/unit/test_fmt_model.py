@@ -99,6 +99,7 @@ def test_cached_logits_equal_full_forward():
     seq = torch.gather(tok, 1, plan.order)
     pos = plan.positions()
     cache = m.init_cache(cond, plan.grid)
+    buffers = [t.data_ptr() for kv in cache.enc + cache.cross for t in kv]
     start = 0
     for size in plan.set_sizes:
         sl = slice(start, start + size)
@@ -106,6 +107,11 @@ def test_cached_logits_equal_full_forward():
         torch.testing.assert_close(logits, full_seq[:, sl], rtol=1e-4, atol=1e-5)
         m.extend_cache(cache, seq[:, sl], pos[:, sl])
         start += size
+    # written in place: the buffers allocated up front are the ones holding every set
+    assert [t.data_ptr() for kv in cache.enc + cache.cross for t in kv] == buffers
+    assert cache.length == cache.capacity == 1 + 16  # class token + the 4x4 grid
+    with pytest.raises(ValueError, match="KV cache holds 17 keys"):
+        m.extend_cache(cache, seq[:, :1], pos[:, :1])
 
 
 def test_text_condition_padding_invariance_and_dropout():
