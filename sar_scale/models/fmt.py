@@ -234,7 +234,9 @@ class FullyMaskedTransformer(nn.Module):
         """Allocate the cache for ``grid`` and encode the condition tokens (the context of the first set)."""
         c_BCD, valid = self.embed_condition(cond)
         b, c, _ = c_BCD.shape
-        cfg, dev, dtype = self.config, c_BCD.device, c_BCD.dtype
+        cfg, dev = self.config, c_BCD.device
+        # the dtype K/V will have: the weights', or autocast's when sampling runs under it
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.head.weight.dtype
         shape = (b, cfg.heads, c + grid[0] * grid[1], cfg.head_dim)
 
         def buffers(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:

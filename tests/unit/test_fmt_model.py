@@ -134,6 +134,18 @@ def test_text_condition_padding_invariance_and_dropout():
         build_model("debug")(tok, Condition(text=text), plan)
 
 
+def test_kv_cache_takes_the_dtype_of_its_keys():
+    m = _model()
+    cond = _cls(2)
+    assert m.init_cache(cond, (4, 4)).enc[0][0].dtype == torch.float32
+    plan = SetPlan.build((4, 4), order="random", num_sets=4, intervals="cosine")
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # K/V come out bf16: the buffers must match
+        assert m.init_cache(cond, (4, 4)).cross[0][1].dtype == torch.bfloat16
+        out = sample(m, cond, plan, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert out.shape == (2, 16)
+    assert build_model("debug").to(torch.bfloat16).eval().init_cache(cond, (4, 4)).enc[1][0].dtype == torch.bfloat16
+
+
 def test_any_resolution_train_one_grid_sample_another():
     torch.manual_seed(0)
     m = build_model("debug", rope_scaling="ntk", rope_train_grid=(3, 5))
