@@ -189,7 +189,7 @@ class Demo:
                            "--data", str(self.p("data", "shapes")), "--out", str(tmp))
             if self.vq_steps is not None:
                 cmd += ["--steps", str(self.vq_steps)]
-            self.run("vq", cmd, threads=len(os.sched_getaffinity(0)))
+            self.run("vq", cmd, threads=_usable_cpus())
             tmp.replace(cached) if not cached.exists() else shutil.rmtree(tmp)
         else:
             res.status = "cached"
@@ -451,6 +451,11 @@ def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list[Path]:
         except FileNotFoundError:
             pass
     return removed
+
+
+def _usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask on Linux; all of them where there is none, e.g. macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _fmt_s(s: float) -> str:
