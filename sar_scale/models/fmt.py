@@ -29,6 +29,7 @@ from sar_scale.models.layers import (
     frac_positions,
     init_weights,
     sincos_2d,
+    write_kv,
 )
 from sar_scale.sar.condition import Condition
 from sar_scale.sar.plan import SetPlan
@@ -203,7 +204,7 @@ class FullyMaskedTransformer(nn.Module):
             self_mask = dec_set_T[None, :] == dec_set_T[:, None]
             cross_mask = _key_mask(valid, enc_set[None, :] < dec_set_T[:, None])
         for blk in self.encoder:
-            x, _ = self._run(blk, x, rope_e, enc_mask)
+            x = self._run(blk, x, rope_e, enc_mask)
         enc_out = self.enc_norm(x)
 
         rope_d = self.rope.cos_sin(dec_pos_BT2.to(dev), grid, x.dtype)
@@ -263,12 +264,10 @@ class FullyMaskedTransformer(nn.Module):
         cache.valid_BS[:, start:end] = valid_BS
         mask = _key_mask(cache.valid_BS[:, :end], None)
         for i, blk in enumerate(self.encoder):
-            x, _ = blk(x, rope, mask, (*cache.enc[i], start))
+            x = blk(x, rope, mask, (*cache.enc[i], start))
         enc_out = self.enc_norm(x)
         for j, blk in enumerate(self.decoder):
-            k, v = blk.cross_attn.project_kv(enc_out, rope)
-            ck, cv = cache.cross[j]
-            ck[:, :, start:end], cv[:, :, start:end] = k, v
+            write_kv(*cache.cross[j], start, *blk.cross_attn.project_kv(enc_out, rope))
         cache.length = end
 
     @torch.no_grad()

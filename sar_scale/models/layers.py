@@ -73,6 +73,15 @@ def frac_positions(pos_BT2: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
     return (pos_BT2.float() + 0.5) / size * FRAC_POS_SCALE
 
 
+def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write a set's K/V ``[B, H, T, E]`` into preallocated cache buffers at ``start``; return the
+    buffers' filled part, keys [0, start + T)."""
+    end = start + k.shape[2]
+    k_buf[:, :, start:end], v_buf[:, :, start:end] = k, v
+    return k_buf[:, :, :end], v_buf[:, :, :end]
+
+
 def apply_rope(x_BHTE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     x = x_BHTE.unflatten(-1, (-1, 2))
     x0, x1 = x[..., 0], x[..., 1]
@@ -144,19 +153,15 @@ class EncoderBlock(nn.Module):
         self.ffn = SwiGLU(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
-                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None):
-        """Returns (x, (k, v)). With ``cache`` = (k_buf, v_buf, start), this block's K/V are written into
-        the preallocated buffers at ``start`` and the queries see keys [0, start + T) (the KV cache)."""
+                cache: tuple[torch.Tensor, torch.Tensor, int] | None = None) -> torch.Tensor:
+        """With ``cache`` = (k_buf, v_buf, start), this block's K/V are written into the preallocated
+        buffers at ``start`` and the queries see keys [0, start + T) (the KV cache)."""
         h = self.attn_norm(x)
         k, v = self.attn.project_kv(h, rope)
         if cache is not None:
-            k_buf, v_buf, start = cache
-            end = start + k.shape[2]
-            k_buf[:, :, start:end], v_buf[:, :, start:end] = k, v
-            k, v = k_buf[:, :, :end], v_buf[:, :, :end]
+            k, v = write_kv(cache[0], cache[1], cache[2], k, v)
         x = x + self.attn.attend(h, k, v, rope, mask)
-        x = x + self.ffn(self.ffn_norm(x))
-        return x, (k, v)
+        return x + self.ffn(self.ffn_norm(x))
 
 
 class DecoderBlock(nn.Module):
