@@ -1,6 +1,17 @@
 """The shard format shared by the writer (``pipelines/``) and the reader (``data/loader.py``).
 
-Layout under a storage root (see docs/interfaces.md):
+Format v2 (``SCHEMA_VERSION = 2``, docs/shard-format.md) is the contract: aspect-bucket shards, a
+compact per-shard ``index.npy`` (:data:`INDEX_DTYPE`) and ``hashes.npy`` (:data:`HASHES_DTYPE`),
+``stats.json`` written last as the commit marker, a manifest with per-shard grids. Its functions
+are ``make_shard_stats`` / ``validate_shard_stats`` / ``read_shard_stats``, ``read_index``,
+``read_hashes`` and ``make_dataset_manifest`` / ``validate_dataset_manifest`` /
+``read_dataset_manifest`` / ``write_dataset_manifest``; shards are written by
+:func:`sar_scale.data.shards.commit_shard`. v2 readers refuse v1 data with a :class:`SchemaError`.
+
+The v1 helpers below (``make_stats``, ``build_index``, ``make_manifest``, ...: a JSON object per
+sample in ``stats.json``) remain only until every writer and reader has switched to v2.
+
+v1 layout under a storage root (see docs/interfaces.md):
 
     {name}-000000.tar          webdataset tar: per sample {key}.tokens_256.npy, {key}.txt, {key}.json, ...
     {name}-000000.stats.json   written LAST: its presence commits the shard (img2dataset-style)
@@ -26,7 +37,8 @@ import numpy as np
 
 from sar_scale.data.storage import Storage
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+SCHEMA_VERSION_V1 = 1  # written by the legacy v1 helpers only (removed once nothing writes v1)
 
 # Member extensions (the part after "{key}." in the tar).
 TXT = "txt"
@@ -38,7 +50,7 @@ TOKENS_RE = re.compile(r"^tokens_(\d+)\.npy$")
 MANIFEST = "manifest.json"
 REJECTS = "rejects.jsonl"
 SHARD_DIGITS = 6
-_SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<index>\d{6})\.(?P<kind>tar|stats\.json)$")
+_SHARD_RE = re.compile(r"^(?P<name>.+)-(?P<index>\d{6})\.(?P<kind>tar|stats\.json|index\.npy|hashes\.npy)$")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 KEY_LEN = 20  # hex chars of sha256: 80 bits, collision-free in practice at billions of samples
 
@@ -82,8 +94,19 @@ def stats_name(name: str, index: int) -> str:
     return shard_stem(name, index) + ".stats.json"
 
 
+def index_name(name: str, index: int) -> str:
+    """Key of shard ``index``'s compact per-sample index (``{name}-{i:06d}.index.npy``)."""
+    return shard_stem(name, index) + ".index.npy"
+
+
+def hashes_name(name: str, index: int) -> str:
+    """Key of shard ``index``'s dedup hashes (``{name}-{i:06d}.hashes.npy``)."""
+    return shard_stem(name, index) + ".hashes.npy"
+
+
 def parse_shard_name(key: str) -> tuple[str, int, str] | None:
-    """``"sub/x-000003.tar"`` -> ``("x", 3, "tar")``; None for anything else."""
+    """``"sub/x-000003.tar"`` -> ``("x", 3, "tar")``; kinds: tar, stats.json, index.npy, hashes.npy;
+    None for anything else."""
     m = _SHARD_RE.match(key.rsplit("/", 1)[-1])
     if not m:
         return None
@@ -195,7 +218,7 @@ def make_stats(name: str, index: int, samples: int, rejects: dict[str, int], nby
                sample_index: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
     stats = {"shard": shard_stem(name, index), "samples": int(samples),
              "rejects": {k: int(v) for k, v in sorted(rejects.items())}, "bytes": int(nbytes),
-             "index": sample_index, "schema_version": SCHEMA_VERSION}
+             "index": sample_index, "schema_version": SCHEMA_VERSION_V1}
     if extra:
         stats.update(extra)
     return stats
@@ -254,7 +277,7 @@ def make_manifest(shards: list[dict[str, Any]], resolutions: Iterable[int],
                   text_features: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     man = {"shards": shards, "resolutions": [int(r) for r in resolutions], "buckets": buckets,
            "samples": int(sum(s["samples"] for s in shards)), "config_hash": config_hash,
-           "versions": versions, "text_features": bool(text_features), "schema_version": SCHEMA_VERSION}
+           "versions": versions, "text_features": bool(text_features), "schema_version": SCHEMA_VERSION_V1}
     if extra:
         man.update(extra)
     return validate_manifest(man)
@@ -299,3 +322,222 @@ def write_rejects(storage: Storage, rejects: Iterable[dict[str, Any]]) -> str:
 def read_rejects(storage: Storage) -> list[dict[str, Any]]:
     text = storage.get_bytes(REJECTS).decode("utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+# ============================================================================= format v2
+# docs/shard-format.md is the contract; every name below is its one definition in code.
+
+INDEX_DTYPE = np.dtype([("key", f"S{KEY_LEN}"), ("start", "<u8"), ("end", "<u8")])
+"""One row per sample in tar order: ``[start, end)`` spans the sample's members (headers included)."""
+HASHES_DTYPE = np.dtype([("key", f"S{KEY_LEN}"), ("sha", "S16"), ("phash", "<u8")])
+"""One row per sample in tar order: sha256 prefix of the decoded pixels and 64-bit perceptual hash."""
+
+_V1_HINT = ("it was written by an older sar-scale (shard format v1); re-run `sar-scale data prepare` "
+            "(or the debug/demo data command) to write format v2")
+
+
+def _check_version(obj: dict[str, Any], source: str) -> None:
+    v = obj.get("schema_version")
+    if v == SCHEMA_VERSION:
+        return
+    if v in (None, SCHEMA_VERSION_V1) or isinstance(obj.get("index"), list):
+        raise SchemaError(f"{source}: {_V1_HINT}")
+    raise SchemaError(f"{source}: schema_version {v!r} is not supported (this sar-scale reads {SCHEMA_VERSION})")
+
+
+def _load_json(storage: Storage, key: str) -> Any:
+    try:
+        return json.loads(storage.get_bytes(key))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SchemaError(f"{storage.url(key)}: invalid JSON: {e}") from None
+
+
+def normalize_grids(grids: dict[Any, Any], source: str = "grids") -> dict[str, list[int]]:
+    """``{256: (16, 16)}`` -> ``{"256": [16, 16]}`` (sorted by resolution); SchemaError when malformed."""
+    if not isinstance(grids, dict) or not grids:
+        raise SchemaError(f"{source}: want a non-empty object {{resolution: [h, w]}}")
+    out: dict[str, list[int]] = {}
+    for r, hw in sorted(grids.items(), key=lambda kv: int(kv[0])):
+        try:
+            h, w = (int(v) for v in hw)
+            res = int(r)
+        except (TypeError, ValueError):
+            raise SchemaError(f"{source}: entry {r!r}: {hw!r} is not a resolution -> [h, w]") from None
+        if res <= 0 or h <= 0 or w <= 0:
+            raise SchemaError(f"{source}: entry {r!r}: {hw!r} must be positive")
+        out[str(res)] = [h, w]
+    return out
+
+
+def grid_name(hw: Iterable[int]) -> str:
+    """``[16, 24]`` -> ``"16x24"`` (the bucket name used in the manifest's ``buckets``)."""
+    h, w = hw
+    return f"{int(h)}x{int(w)}"
+
+
+def make_shard_stats(name: str, index: int, samples: int, nbytes: int, grids: dict[Any, Any],
+                     index_bytes: int, *, rejects: dict[str, int] | None = None, hashes: bool = False,
+                     run: str = "", extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The v2 ``stats.json`` of shard ``index`` (validated). ``extra`` adds writer fields."""
+    stem = shard_stem(name, index)
+    stats: dict[str, Any] = dict(extra or {})
+    stats.update({
+        "schema_version": SCHEMA_VERSION, "shard": stem, "samples": int(samples), "bytes": int(nbytes),
+        "rejects": {str(k): int(v) for k, v in sorted((rejects or {}).items())},
+        "grids": normalize_grids(grids, f"{stem} grids"), "index": index_name(name, index),
+        "index_bytes": int(index_bytes), "hashes": hashes_name(name, index) if hashes else None,
+        "run": str(run)})
+    return validate_shard_stats(stats, stats_name(name, index))
+
+
+def validate_shard_stats(stats: Any, source: str = "stats.json") -> dict[str, Any]:
+    """Check a v2 ``stats.json``; raises :class:`SchemaError` naming the file and field (v1 included)."""
+    if not isinstance(stats, dict):
+        raise SchemaError(f"{source}: top level must be an object")
+    _check_version(stats, source)
+    for field, typ in (("shard", str), ("samples", int), ("bytes", int), ("rejects", dict), ("grids", dict),
+                       ("index", str), ("index_bytes", int), ("run", str)):
+        if field not in stats:
+            raise SchemaError(f"{source}: missing field '{field}'")
+        if not isinstance(stats[field], typ) or isinstance(stats[field], bool):
+            raise SchemaError(f"{source}: field '{field}' must be {typ.__name__}")
+    if stats["samples"] < 0 or stats["bytes"] < 0:
+        raise SchemaError(f"{source}: 'samples' and 'bytes' must be >= 0")
+    if stats.get("hashes") is not None and not isinstance(stats["hashes"], str):
+        raise SchemaError(f"{source}: field 'hashes' must be a key or null")
+    want = INDEX_DTYPE.itemsize * stats["samples"]
+    if stats["index_bytes"] < want:
+        raise SchemaError(f"{source}: 'index_bytes' {stats['index_bytes']} is too small for "
+                          f"{stats['samples']} samples")
+    normalize_grids(stats["grids"], f"{source} 'grids'")
+    return stats
+
+
+def read_shard_stats(storage: Storage, key: str) -> dict[str, Any]:
+    """Load + validate a v2 ``stats.json`` (a v1 one raises :class:`SchemaError` saying to re-run)."""
+    return validate_shard_stats(_load_json(storage, key), storage.url(key))
+
+
+def _stem_of(key: str, suffix: str) -> str:
+    if not key.endswith(suffix):
+        raise SchemaError(f"{key}: want a key ending in {suffix}")
+    return key[: -len(suffix)]
+
+
+def _load_npy(storage: Storage, key: str, dtype: np.dtype) -> np.ndarray:
+    data = storage.get_bytes(key)
+    try:
+        arr = decode_npy(data)
+    except (ValueError, OSError, EOFError) as e:
+        raise SchemaError(f"{storage.url(key)}: not a valid .npy: {e}") from None
+    if arr.dtype != dtype or arr.ndim != 1:
+        raise SchemaError(f"{storage.url(key)}: want a 1-D array of dtype {dtype.descr}, got "
+                          f"{arr.dtype.descr} with shape {arr.shape}")
+    return arr
+
+
+def validate_index(index: np.ndarray, stats: dict[str, Any], source: str = "index.npy") -> np.ndarray:
+    """Rows == stats ``samples``; ranges non-empty, sorted, non-overlapping, within the tar's bytes;
+    keys strictly increasing (samples are sorted by key inside a shard)."""
+    if index.dtype != INDEX_DTYPE or index.ndim != 1:
+        raise SchemaError(f"{source}: want a 1-D array of dtype {INDEX_DTYPE.descr}")
+    if len(index) != stats["samples"]:
+        raise SchemaError(f"{source}: {len(index)} rows but stats 'samples' is {stats['samples']}")
+    if len(index):
+        start, end = index["start"], index["end"]
+        if np.any(end <= start):
+            raise SchemaError(f"{source}: a row has end <= start")
+        if np.any(start[1:] < end[:-1]):
+            raise SchemaError(f"{source}: byte ranges are not sorted / overlap")
+        if int(end[-1]) > stats["bytes"]:
+            raise SchemaError(f"{source}: range ends at byte {int(end[-1])}, beyond the tar's {stats['bytes']}")
+        keys = index["key"]
+        if np.any(keys[1:] <= keys[:-1]):
+            raise SchemaError(f"{source}: keys are not strictly increasing")
+    return index
+
+
+def read_index(storage: Storage, key: str, stats: dict[str, Any] | None = None) -> np.ndarray:
+    """Load a shard's ``index.npy`` and validate it against its ``stats.json`` (read from the sibling
+    ``{stem}.stats.json`` unless given): a structured array of :data:`INDEX_DTYPE`."""
+    stem = _stem_of(key, ".index.npy")
+    if stats is None:
+        stats = read_shard_stats(storage, stem + ".stats.json")
+    return validate_index(_load_npy(storage, key, INDEX_DTYPE), stats, storage.url(key))
+
+
+def read_hashes(storage: Storage, key: str, stats: dict[str, Any] | None = None) -> np.ndarray:
+    """Load a shard's ``hashes.npy`` (:data:`HASHES_DTYPE`), rows == stats ``samples``."""
+    stem = _stem_of(key, ".hashes.npy")
+    if stats is None:
+        stats = read_shard_stats(storage, stem + ".stats.json")
+    arr = _load_npy(storage, key, HASHES_DTYPE)
+    if len(arr) != stats["samples"]:
+        raise SchemaError(f"{storage.url(key)}: {len(arr)} rows but stats 'samples' is {stats['samples']}")
+    return arr
+
+
+def shard_entry(stats: dict[str, Any]) -> dict[str, Any]:
+    """The manifest's summary of one committed shard, from its (validated) stats."""
+    stem = stats["shard"]
+    return {"tar": stem + ".tar", "stats": stem + ".stats.json", "index": stats["index"],
+            "samples": stats["samples"], "bytes": stats["bytes"], "grids": stats["grids"]}
+
+
+def make_dataset_manifest(shards: list[dict[str, Any]], resolutions: Iterable[int], text_features: bool,
+                          config_hash: str, versions: dict[str, str], runs: list[dict[str, Any]],
+                          extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The v2 ``manifest.json``: ``shards`` are :func:`shard_entry` dicts in shard order; ``buckets``
+    (resolution -> grid name -> samples) and ``samples`` are derived from them."""
+    res = [int(r) for r in resolutions]
+    buckets: dict[str, dict[str, int]] = {str(r): {} for r in res}
+    for s in shards:
+        for r, hw in s["grids"].items():
+            if r in buckets:
+                g = grid_name(hw)
+                buckets[r][g] = buckets[r].get(g, 0) + int(s["samples"])
+    man: dict[str, Any] = dict(extra or {})
+    man.update({"schema_version": SCHEMA_VERSION, "samples": int(sum(int(s["samples"]) for s in shards)),
+                "resolutions": res, "text_features": bool(text_features), "config_hash": str(config_hash),
+                "versions": dict(versions), "runs": list(runs), "shards": list(shards),
+                "buckets": {r: dict(sorted(c.items())) for r, c in buckets.items()}})
+    return validate_dataset_manifest(man)
+
+
+def validate_dataset_manifest(man: Any, source: str = MANIFEST) -> dict[str, Any]:
+    """Check a v2 manifest (a v1 one raises :class:`SchemaError` saying to re-run)."""
+    if not isinstance(man, dict):
+        raise SchemaError(f"{source}: top level must be an object")
+    _check_version(man, source)
+    for field, typ in (("shards", list), ("resolutions", list), ("buckets", dict), ("samples", int),
+                       ("config_hash", str), ("versions", dict), ("text_features", bool), ("runs", list)):
+        if field not in man:
+            raise SchemaError(f"{source}: missing field '{field}'")
+        if not isinstance(man[field], typ):
+            raise SchemaError(f"{source}: field '{field}' must be {typ.__name__}")
+    total = 0
+    for i, s in enumerate(man["shards"]):
+        if not isinstance(s, dict) or not {"tar", "stats", "index", "samples", "bytes", "grids"} <= set(s):
+            raise SchemaError(f"{source}: shards[{i}] needs 'tar', 'stats', 'index', 'samples', 'bytes', 'grids'")
+        if not isinstance(s["samples"], int) or s["samples"] < 0:
+            raise SchemaError(f"{source}: shards[{i}].samples must be an int >= 0")
+        normalize_grids(s["grids"], f"{source}: shards[{i}].grids")
+        total += s["samples"]
+    if total != man["samples"]:
+        raise SchemaError(f"{source}: 'samples' is {man['samples']} but the shards hold {total}")
+    for i, r in enumerate(man["runs"]):
+        if not isinstance(r, dict) or not {"run", "shards"} <= set(r):
+            raise SchemaError(f"{source}: runs[{i}] needs 'run' and 'shards'")
+    return man
+
+
+def write_dataset_manifest(storage: Storage, manifest: dict[str, Any]) -> str:
+    """Replace ``manifest.json`` atomically (validated first)."""
+    validate_dataset_manifest(manifest)
+    storage.put_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"), MANIFEST)
+    return MANIFEST
+
+
+def read_dataset_manifest(storage: Storage) -> dict[str, Any]:
+    """Load + validate the v2 manifest; SchemaError for v1 data (re-run prepare) or a bad file."""
+    return validate_dataset_manifest(_load_json(storage, MANIFEST), storage.url(MANIFEST))

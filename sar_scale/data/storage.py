@@ -331,12 +331,15 @@ class S3Storage(Storage):
 
     def __init__(self, url: str, endpoint_url: str | None = None, region: str | None = None,
                  max_attempts: int = 8, connect_timeout: float = 10.0, read_timeout: float = 60.0,
-                 multipart_threshold: int = 64 << 20):
+                 multipart_threshold: int = 64 << 20, multipart_chunksize: int = 16 << 20):
         self.bucket, self.prefix = parse_s3_url(url)
         self.root = f"s3://{self.bucket}/{self.prefix}".rstrip("/")
         self._client_kw = dict(endpoint_url=endpoint_url, region=region, max_attempts=max_attempts,
                                connect_timeout=connect_timeout, read_timeout=read_timeout)
+        if multipart_chunksize < 5 << 20:
+            raise ValueError(f"multipart_chunksize {multipart_chunksize}: S3 parts must be >= 5 MiB")
         self.multipart_threshold = multipart_threshold
+        self.multipart_chunksize = multipart_chunksize
         self._local = threading.local()
 
     def __repr__(self) -> str:  # no credentials, ever
@@ -399,11 +402,47 @@ class S3Storage(Storage):
     def put_file(self, local: str | Path, key: str) -> None:
         from boto3.s3.transfer import TransferConfig
 
-        cfg = TransferConfig(multipart_threshold=self.multipart_threshold, use_threads=True)
+        cfg = TransferConfig(multipart_threshold=self.multipart_threshold,
+                             multipart_chunksize=self.multipart_chunksize, use_threads=True)
         # upload_file is the transfer manager: multipart for big files, the object appears only
         # when CompleteMultipartUpload succeeds, and a failed upload is aborted - atomic.
-        self._call("upload", key, self.client.upload_file, str(local), self.bucket, self._k(key),
-                   Config=cfg)
+        try:
+            self._call("upload", key, self.client.upload_file, str(local), self.bucket, self._k(key),
+                       Config=cfg)
+        except BaseException:
+            # The transfer manager aborts on failure, but its abort can fail too (the same outage):
+            # never leave a billed, invisible incomplete upload of this key behind.
+            try:
+                self.abort_uploads(key)
+            except Exception as e:  # noqa: BLE001 - the upload error is the one to report
+                logger.warning("%s: could not abort incomplete multipart uploads: %s", self.url(key), e)
+            raise
+
+    def abort_uploads(self, key: str | None = None) -> int:
+        """Abort incomplete multipart uploads of ``key`` (every key under the prefix when None);
+        returns how many. Only call for keys no live writer is uploading."""
+        prefix = self._k(key) if key else (f"{self.prefix}/" if self.prefix else "")
+
+        def run() -> int:
+            n = 0
+            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
+                                                                                     Prefix=prefix):
+                for up in page.get("Uploads", []):
+                    if key is not None and up["Key"] != prefix:
+                        continue
+                    try:
+                        self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"],
+                                                           UploadId=up["UploadId"])
+                    except Exception as e:  # noqa: BLE001 - already gone (aborted by s3transfer) is fine
+                        from botocore.exceptions import ClientError
+
+                        if not (isinstance(e, ClientError)
+                                and e.response.get("Error", {}).get("Code") == "NoSuchUpload"):
+                            raise
+                    n += 1
+            return n
+
+        return self._call("abort-multipart", key or "", run)
 
     def put_bytes(self, data: bytes, key: str) -> None:
         self._call("put", key, self.client.put_object, Bucket=self.bucket, Key=self._k(key), Body=data)
@@ -487,19 +526,7 @@ class S3Storage(Storage):
     def clean_temp(self) -> int:
         """Abort multipart uploads under the prefix left by a crashed writer (invisible to readers,
         but they cost storage). Call only when no other writer is active on this prefix."""
-        prefix = f"{self.prefix}/" if self.prefix else ""
-
-        def run() -> int:
-            n = 0
-            for page in self.client.get_paginator("list_multipart_uploads").paginate(Bucket=self.bucket,
-                                                                                     Prefix=prefix):
-                for up in page.get("Uploads", []):
-                    self.client.abort_multipart_upload(Bucket=self.bucket, Key=up["Key"],
-                                                       UploadId=up["UploadId"])
-                    n += 1
-            return n
-
-        return self._call("abort-multipart", "", run)
+        return self.abort_uploads(None)
 
 
 def open_storage(url: str | Path, **kwargs: Any) -> Storage:
