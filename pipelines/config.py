@@ -20,7 +20,8 @@ class InputConfig(StrictModel):
     """Folder (local or s3://bucket/prefix), manifest file (.jsonl/.parquet, local or s3://), or tars: a
     directory/prefix holding *.tar, one .tar, or a brace pattern like data-{000000..000009}.tar."""
     image_column: str = "image"
-    """Manifest column with the image path (relative to the manifest's folder) or s3:// URL."""
+    """Manifest column with the image path (relative to the manifest's folder) or s3:// URL; http(s)
+    URLs are rejected (download them first)."""
     caption_column: str = "caption"
     """Manifest column with the caption."""
     id_column: str | None = None
@@ -125,7 +126,9 @@ class RayConfig(StrictModel):
     """Cluster and parallelism."""
 
     address: str | None = None
-    """Join this Ray cluster (e.g. ray://host:10001 or host:6379); None = start a local one."""
+    """Join this Ray cluster as ``ray.init`` takes it: ``auto`` (on a node of the cluster), ``HOST:6379``
+    or ``ray://HOST:10001`` (Ray Client); None = start a local one. Not the dashboard's http:// address,
+    which is for `sar-scale submit --backend ray`."""
     num_cpus: int | None = None
     """CPUs of the local Ray (None = all of this machine's)."""
     tokenize_actors: int = Field(1, ge=1)
@@ -138,6 +141,15 @@ class RayConfig(StrictModel):
     """CPUs per scan (validate + hash) task."""
     progress_bars: bool = False
     """Show Ray Data's own progress bars (ours are always shown)."""
+
+    @field_validator("address")
+    @classmethod
+    def _not_dashboard(cls, v: str | None) -> str | None:
+        if v and v.startswith(("http://", "https://")):
+            raise ValueError(f"ray.address {v!r} is a dashboard / Jobs API URL, which ray.init does not join: "
+                             "use auto, HOST:6379 or ray://HOST:10001, or submit the job with "
+                             "`sar-scale submit --backend ray -- data prepare ...`")
+        return v
 
 
 class PrepareConfig(StrictModel):

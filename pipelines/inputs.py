@@ -152,6 +152,10 @@ def _manifest_records(cfg: InputConfig) -> tuple[list[dict[str, Any]], list[dict
             rejects.append({"source_id": f"{cfg.path}#row{i}", "reason": "image_missing"})
             continue
         image = str(image)
+        if image.startswith(("http://", "https://")):
+            raise ValueError(f"{cfg.path}: row {i} column {cfg.image_column!r} (input.image_column) is an "
+                             f"http(s) URL ({image[:80]}); web URLs are not fetched: download the images first "
+                             "(e.g. with img2dataset) and list their local paths or s3:// URLs")
         if not image.startswith("s3://") and not image.startswith("/"):
             image = f"{base}/{image}" if base.startswith("s3://") else str(Path(base) / image)
         root, key = _split_url(image)

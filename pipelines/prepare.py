@@ -371,7 +371,7 @@ def main(argv: list[str]) -> int:
                "tokenize.vq_path=runs/vq output.url=s3://bucket/shards")
     p.add_argument("config", help="YAML config (see configs/data/)")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. output.samples_per_shard=500")
-    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one")
+    p.add_argument("--ray-address", default=None, help="join this Ray cluster instead of starting a local one: auto, HOST:6379 or ray://HOST:10001")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     overrides = list(a.overrides) + ([f"ray.address={a.ray_address}"] if a.ray_address else [])

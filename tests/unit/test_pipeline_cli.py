@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+import pytest
+
 from pipelines import cli
 
 
@@ -26,3 +28,16 @@ def test_dispatch_and_errors(tmp_path, capsys):
     assert "ray" not in sys.modules or not __import__("ray").is_initialized()
     assert cli.main(["synth", "--out", str(tmp_path / "s"), "--n", "2"]) == 0
     assert (tmp_path / "s" / "000001.png").exists()
+
+
+def test_dashboard_ray_address_and_web_urls_are_rejected_clearly(tmp_path, capsys):
+    from pipelines.config import InputConfig
+    from pipelines.inputs import _manifest_records
+
+    (tmp_path / "c.yaml").write_text(f"input: {{path: {tmp_path}}}\n")
+    assert cli.main(["prepare", str(tmp_path / "c.yaml"), "--ray-address", "http://head:8265"]) == 2
+    assert "dashboard / Jobs API URL" in capsys.readouterr().err
+    (tmp_path / "m.jsonl").write_text('{"path": "a.png", "caption": "x"}\n{"path": "https://e.com/b.jpg"}\n')
+    cfg = InputConfig(kind="manifest", path=str(tmp_path / "m.jsonl"), image_column="path")
+    with pytest.raises(ValueError, match=r"row 1 column 'path' .* http\(s\) URL"):
+        _manifest_records(cfg)
