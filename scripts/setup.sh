@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up sar-scale in ./.venv (idempotent). Installs torch==2.13.0 (CPU build on these machines)
-# first unless a torch is already importable, then the package with the pinned, measured set of
-# versions in requirements-lock.txt. `--test` also installs the test extras and the Debian packages
+# first unless a torch is already importable, then the package with every transitive version pinned
+# by requirements-lock.txt (a full lock; refresh it with scripts/lock.sh). `--test` also installs the test extras and the Debian packages
 # the integration tests use (Slurm + munge, Chromium + chromedriver) when apt is usable.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,7 +13,7 @@ VPY=.venv/bin/python
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   echo "[setup] installing torch==2.13.0"
-  "$VPY" -m pip install -q torch==2.13.0
+  "$VPY" -m pip install -q -c requirements-lock.txt torch==2.13.0  # its dependencies pinned too
 fi
 EXTRAS=""
 [[ $WITH_TEST == 1 ]] && EXTRAS="[test]"
