@@ -5,10 +5,8 @@ memory), per-rank memory of model states (ZeRO formula, bf16 mixed precision + A
 at stage 0, 4P + 12P/N at 1, 2P + 14P/N at 2, 16P/N at 3; N = data-parallel ranks), an activation
 estimate, tokens per global batch, and step time and GPU-hours at a stated MFU.
 
-FLOPs are *model* FLOPs (MFU convention: activation recomputation is not counted): 6 x (linear
-weights x the tokens each one sees) plus attention scores. The encoder's set-causal attention and
-the decoder's cross-attention to earlier sets count half of their dense cost (like causal
-attention); decoder self-attention is within a set only and is left out. Activations follow
+FLOPs per sample are `sar_scale.models.flops.train_flops_per_sample`, the same count as the
+trainer's MFU metric (model FLOPs, set-causal attention at half its dense cost). Activations follow
 Korthikanti et al. 2022 for 16-bit tensors with fused (flash/flex) attention: ~34 s*b*d bytes per
 encoder block, ~42 s*b*d + 4 S*b*d per decoder block (self + cross attention + SwiGLU), plus the
 logits (bf16 + fp32 for the loss); with activation checkpointing each block keeps only its input.
@@ -23,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sar_scale.config import ConfigError
+from sar_scale.models.flops import ModelShape, model_shape, train_flops_per_sample
 
 H100_BF16_PEAK_TFLOPS = 989.0  # dense bf16, H100 SXM
 GIB = 1024**3
@@ -40,57 +39,6 @@ def zero_state_bytes(params: int, stage: int, n: int) -> float:
     if stage == 3:
         return 16 * p / n
     raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
-
-
-@dataclass
-class ModelShape:
-    """Linear-weight counts grouped by which sequence they act on (from the meta-device model)."""
-
-    params: int
-    width: int
-    enc_layers: int
-    dec_layers: int
-    vocab: int
-    cond_tokens: int  # condition context length (text tokens + start token, or 1 class token)
-    enc_linear: int  # encoder blocks: act on condition + encoded image tokens
-    dec_linear: int  # decoder blocks except cross-attention K/V: act on the target tokens
-    cross_kv_linear: int  # decoder cross-attention K/V projections: act on the encoder memory
-    head: int
-    pos_proj: int  # absolute (+ fractional) position projections: act on image tokens and targets
-    text_proj: int
-
-
-def model_shape(model_cfg) -> ModelShape:
-    """Build the model on the meta device (no memory) and count linear weights by role."""
-    from torch import nn
-
-    from sar_scale.models import build_model
-
-    m = build_model(model_cfg.name, device="meta", **model_cfg.overrides)
-    c = m.config
-
-    def lin(mod: nn.Module, skip: str | None = None) -> int:
-        return sum(x.weight.numel() for name, x in mod.named_modules()
-                   if isinstance(x, nn.Linear) and not (skip and name.endswith(skip)))
-
-    cross_kv = sum(blk.cross_attn.wkv.weight.numel() for blk in m.decoder)
-    return ModelShape(
-        params=m.num_parameters(), width=c.width, enc_layers=c.enc_layers, dec_layers=c.dec_layers,
-        vocab=c.vocab_size, cond_tokens=(c.max_text_len + 1) if c.cond == "text" else 1,
-        enc_linear=sum(lin(b) for b in m.encoder), dec_linear=sum(lin(b, "cross_attn.wkv") for b in m.decoder),
-        cross_kv_linear=cross_kv, head=m.head.weight.numel(),
-        pos_proj=m.pos_proj.weight.numel() + (m.frac_proj.weight.numel() if m.frac_proj is not None else 0),
-        text_proj=m.text_proj.weight.numel() if c.cond == "text" else 0)
-
-
-def flops_per_sample(s: ModelShape, n: int) -> float:
-    """Model FLOPs (forward + backward = 3 x forward) for one image of ``n`` tokens."""
-    enc_seq = s.cond_tokens + n  # condition + encoded image tokens (all but the last set ~ n)
-    fwd = 2.0 * (s.enc_linear * enc_seq + s.dec_linear * n + s.cross_kv_linear * enc_seq
-                 + s.head * n + s.pos_proj * 2 * n + s.text_proj * max(0, s.cond_tokens - 1))
-    fwd += 0.5 * 4.0 * s.width * enc_seq * enc_seq * s.enc_layers  # set-causal self-attention
-    fwd += 0.5 * 4.0 * s.width * n * enc_seq * s.dec_layers  # cross-attention to earlier sets
-    return 3.0 * fwd
 
 
 def activation_bytes(s: ModelShape, n: int, b: float, checkpointing: bool) -> float:
@@ -137,7 +85,8 @@ def plan_stages(cfg_for_stage: list[tuple[object, str]], nodes: int, gpus_per_no
     if not 0 < mfu <= 1:
         raise ValueError(f"--mfu must be in (0, 1], got {mfu}")
     world = nodes * gpus_per_node
-    shape = model_shape(cfg_for_stage[-1][0].model)
+    m = cfg_for_stage[-1][0].model
+    shape = model_shape(m.name, **m.overrides)
     out = []
     for i, (cfg, src) in enumerate(cfg_for_stage):
         st = cfg.curriculum.stages[i]
@@ -148,7 +97,7 @@ def plan_stages(cfg_for_stage: list[tuple[object, str]], nodes: int, gpus_per_no
         states = zero_state_bytes(shape.params, cfg.deepspeed.zero_stage, world)
         acts = activation_bytes(shape, n, micro, cfg.model.activation_checkpointing)
         total = (states + acts) / GIB
-        step_flops = flops_per_sample(shape, n) * global_batch
+        step_flops = train_flops_per_sample(shape, n) * global_batch
         step_time = step_flops / world / (mfu * peak_tflops * 1e12)
         precision = cfg.deepspeed.precision
         out.append(StagePlan(

@@ -56,19 +56,6 @@ def mix_seed(*parts: int) -> int:
                >> np.uint64(1))
 
 
-def train_flops_per_sample(model_cfg, n_tokens: int, n_cond: int, n_params: int, n_embed: int) -> float:
-    """Approximate training FLOPs for one sample: 6 x (non-embedding params) x tokens plus attention.
-
-    Attention (QK^T and AV, masked but computed densely by SDPA), forward = 4*S_q*S_k*d per layer;
-    training = 3x forward. An estimate for the MFU metric, not an exact count.
-    """
-    d = model_cfg.width
-    s_enc = n_cond + n_tokens
-    attn_fwd = 4 * d * (model_cfg.enc_layers * s_enc * s_enc
-                        + model_cfg.dec_layers * (n_tokens * n_tokens + n_tokens * s_enc))
-    return 6.0 * (n_params - n_embed) * n_tokens + 3.0 * attn_fwd
-
-
 @dataclass
 class TrainResult:
     global_step: int
@@ -449,14 +436,14 @@ class Trainer:
     def _loop(self, si: int, engine, optimizer, sched, stream: StageStream, ema, start_step: int) -> Path | None:
         from tqdm import tqdm
 
+        from sar_scale.models.flops import model_shape, train_flops_per_sample
         from sar_scale.sar import Condition, PlanSampler, set_ar_loss
 
         cfg, denv = self.cfg, self.denv
         st = cfg.curriculum.stages[si]
         ga = engine.gradient_accumulation_steps()
         sampler = PlanSampler(cfg.plan)
-        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())
-        n_embed = sum(m.weight.numel() for m in engine.module.modules() if isinstance(m, torch.nn.Embedding))
+        shape = model_shape(self.model_cfg)  # for the FLOPs behind the MFU metric (same count as `plan`)
         order_file = None
         if cfg.log_data_order:
             (self.run_dir / "data_order").mkdir(parents=True, exist_ok=True)
@@ -500,7 +487,7 @@ class Trainer:
                     tokens += b * n
                     samples += b
                     n_cond = 1 if self.model_cfg.cond == "class" else 1 + (cond.text.shape[1] if cond.text is not None else 0)
-                    flops += b * train_flops_per_sample(self.model_cfg, n, n_cond, n_params, n_embed)
+                    flops += b * train_flops_per_sample(shape, n, n_cond)
                     buckets.append(f"{batch['grid'][0]}x{batch['grid'][1]}")
                     if order_file is not None:
                         order_file.write(json.dumps({"global_step": self.global_step + 1, "stage": si,
@@ -666,4 +653,4 @@ def dump_config_redacted(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
-__all__ = ["TrainResult", "Trainer", "diagnose_peers", "mix_seed", "train_flops_per_sample"]
+__all__ = ["TrainResult", "Trainer", "diagnose_peers", "mix_seed"]

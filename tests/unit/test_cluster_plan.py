@@ -10,9 +10,10 @@ import pytest
 import yaml
 
 from cluster.curriculum import check_stage_files, job_slug, stage_commands, stage_files
-from cluster.plan import activation_bytes, flops_per_sample, model_shape, zero_state_bytes
+from cluster.plan import activation_bytes, zero_state_bytes
 from cluster.plan import main as plan_main
 from sar_scale.config import ConfigError, load_config
+from sar_scale.models.flops import model_shape, train_flops_per_sample
 from sar_scale.training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -83,13 +84,13 @@ def test_zero_formulas():
 
 def test_flops_and_activations_scale_sensibly():
     cfg = load_config(TrainConfig, RUN / "stage3_1024.yaml")
-    s = model_shape(cfg.model)
+    s = model_shape(cfg.model.name, **cfg.model.overrides)
     assert 850e6 < s.params < 950e6
     # linear FLOPs dominate: ~6 x params x tokens within 2x at 256 tokens (+ condition tokens)
-    f256 = flops_per_sample(s, 256)
+    f256 = train_flops_per_sample(s, 256)
     assert 6 * s.params * 256 < f256 < 2 * 6 * s.params * (256 + s.cond_tokens)
     # per image token: the fixed condition context costs most at 256 tokens, quadratic attention at 4096
-    per_tok = {n: flops_per_sample(s, n) / n for n in (256, 1024, 4096)}
+    per_tok = {n: train_flops_per_sample(s, n) / n for n in (256, 1024, 4096)}
     assert per_tok[1024] < per_tok[256] and per_tok[1024] < per_tok[4096]
     assert all(v > 6 * s.params for v in per_tok.values())
     full = activation_bytes(s, 4096, 4, checkpointing=False)

@@ -236,6 +236,24 @@ def test_mlflow_run_params_metrics_images_and_no_secrets(run_a):
             assert CANARY.encode() not in f.read_bytes(), f
 
 
+def test_logged_flops_are_the_plans_flops(run_a):
+    """The MFU logged by the trainer and the step time of `sar-scale plan` use one FLOP count."""
+    from cluster.plan import plan_stages
+    from sar_scale.models.flops import model_shape, train_flops_per_sample
+
+    cfg = run_a["cfg"]
+    shape, plans = plan_stages([(cfg, "run_a")] * 2, nodes=1, gpus_per_node=1, mfu=0.5, peak_tflops=1.0,
+                               gpu_mem_gib=80.0, downsample=8)
+    debug = model_shape("debug")
+    assert plans[0].tflop_per_step * 1e12 / plans[0].global_batch == pytest.approx(train_flops_per_sample(debug, 64))
+    logged = [r for r in metrics(run_a["tmp"] / "a").values() if r["stage"] == 0]  # 3 samples per micro step
+    assert logged
+    for r in logged:  # flops_per_s and samples_per_s share one step time; one bucket per micro step
+        n = [int(b.split("x")[0]) * int(b.split("x")[1]) for b in r["buckets"]]
+        want = sum(train_flops_per_sample(debug, k) for k in n) / len(n)
+        assert r["flops_per_s"] / r["samples_per_s"] == pytest.approx(want, rel=1e-9)
+
+
 def test_text_encoder_on_the_fly_kept_optimizer_and_activation_checkpointing(run_a, tmp_path):
     """Text-conditional model fed by a TextEncoder on the fly (shards without text.npy), stage 2 keeping
     stage 1's AdamW moments, activation checkpointing on: trains, and Adam's step count carries over."""
