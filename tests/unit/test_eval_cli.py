@@ -70,10 +70,13 @@ def test_shapes_and_nll_suites(tiny, tmp_path, capsys):
     assert "eval/shapes/table.txt" in arts and "eval/shapes/random-4-cosine" in arts
 
 
-def test_fid_is_skipped_without_weights_and_errors_are_clear(tiny, tmp_path, capsys):
+def test_fid_is_skipped_without_weights_and_errors_are_clear(tiny, tmp_path, capsys, monkeypatch):
+    from sar_scale.eval import fid as fid_mod
+
+    monkeypatch.setattr(fid_mod, "DEFAULT_NETWORK_PACKAGE", "no_such_fid_package")  # the [fid] extra not installed
     rc = main(["--model", str(tiny / "text"), "--suite", "fid", "--out", str(tmp_path / "e"), "--no-mlflow", "--quiet"])
     assert rc == 0
-    assert "FID skipped: no Inception weights" in capsys.readouterr().out
+    assert "FID skipped: the default Inception network is not installed" in capsys.readouterr().out
     assert json.loads((tmp_path / "e" / "results.json").read_text())["fid"]["skipped"]
     assert main(["--model", str(tiny / "text"), "--suite", "nll", "--no-mlflow", "--out", str(tmp_path / "n")]) == 2
     assert "--shards" in capsys.readouterr().err
@@ -102,8 +105,19 @@ def test_fid_suite_with_a_scripted_feature_net(tiny, tmp_path, capsys):
         Image.new("RGB", (32, 32), (200, 40 * i, 40)).save(ref / f"{i}.png")
         (ref / f"{i}.txt").write_text("a red circle on the left")
     rc = main(["--model", str(tiny / "class"), "--suite", "fid", "--inception", str(weights), "--reference", str(ref),
-               "--inception-size", "16", "--out", str(tmp_path / "f"), "--no-mlflow", "--quiet"])
+               "--inception-size", "16", "--fid-images", "6", "--batch-size", "4", "--out", str(tmp_path / "f"),
+               "--no-mlflow", "--quiet"])
     assert rc == 0
     fid = json.loads((tmp_path / "f" / "results.json").read_text())["fid"]
     assert fid["n_generated"] == fid["n_reference"] == 6 and fid["feature_dim"] == 6 and fid["fid"] > 0
     assert len(list((tmp_path / "f" / "fid" / "generated").glob("*.png"))) == 6
+    assert "FID" in capsys.readouterr().out and "N=6 vs 6 real" in fid_text(fid)
+    assert main(["--model", str(tiny / "class"), "--suite", "fid", "--inception", str(weights), "--no-mlflow",
+                 "--out", str(tmp_path / "g")]) == 2
+    assert "--reference" in capsys.readouterr().err
+
+
+def fid_text(res):
+    from sar_scale.eval.fid import format_fid
+
+    return format_fid(res)
