@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cluster.curriculum import check_stage_files, job_slug, stage_commands, stage_files
-from cluster.plan import activation_bytes, zero_state_bytes
+from cluster.curriculum import job_slug, stage_commands
 from cluster.plan import main as plan_main
 from sar_scale.config import ConfigError, load_config
 from sar_scale.models.flops import model_shape, train_flops_per_sample
 from sar_scale.training.config import TrainConfig
+from sar_scale.training.curriculum import check_stage_files, stage_files
+from sar_scale.training.sizing import activation_bytes, ema_bytes, zero_state_bytes
 
 REPO = Path(__file__).resolve().parents[2]
 RUN = REPO / "configs" / "t2i_900m"
@@ -112,6 +113,10 @@ def test_plan_cli_json_for_the_900m_run(capsys):
         assert s["tokens_per_global_batch"] == pytest.approx(s["micro_batch"] * s["grad_accum"] * 32 * s["tokens_per_image"])
         assert s["gpu_hours"] == pytest.approx(s["step_time_s"] * s["steps"] * 32 / 3600)
         assert s["model_states_gib"] == pytest.approx(zero_state_bytes(out["model"]["params"], 2, 32) / 1024**3)
+        # the run keeps an fp32 EMA (ema.enabled): a full copy per rank under ZeRO-2, counted in the total
+        assert s["ema_gib"] == pytest.approx(4 * out["model"]["params"] / 1024**3)
+        assert s["total_per_rank_gib"] == pytest.approx(s["model_states_gib"] + s["ema_gib"] + s["activations_gib"])
+    assert ema_bytes(10, 3, 4) == 10.0 and ema_bytes(10, 1, 4) == 40.0  # ZeRO-3: each rank its partition
     # half the MFU, twice the GPU-hours
     capsys.readouterr()
     plan_main([str(RUN), "--nodes", "4", "--gpus-per-node", "8", "--json", "--mfu", "0.2"])
