@@ -75,10 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
     from sar_scale.eval.cli import make_generate_fn
-    from sar_scale.eval.plans import parse_plan
     from sar_scale.eval.shapes import format_table, run_shapes_suite
     from sar_scale.export.pipeline import SARPipeline
     from sar_scale.models import build_model, get_config
+    from sar_scale.sar import Recipe
     from sar_scale.sar.condition import Condition
     from sar_scale.sar.plan import PlanDistribution, PlanSampler
     from sar_scale.sar.sampling import set_ar_loss
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     pipe.model = model  # the export's VQ and text encoder, this probe's transformer
     out = {"args": vars(a), "params": params, "train_s": round(train_s, 1), "final_loss": round(last, 4),
            "results": []}
-    plans = [parse_plan(x) for x in a.evals.split(",")]
+    plans = [Recipe.parse(x) for x in a.evals.split(",")]
     for t in a.temps.split(","):
         for c in a.cfgs.split(","):
             fn, grid = make_generate_fn(pipe, 64, {"temperature": float(t), "cfg_scale": float(c), "top_k": a.topk},

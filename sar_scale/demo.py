@@ -83,7 +83,7 @@ class Demo:
     eval_orders: list[str] = field(default_factory=lambda: ["random", "raster"])
     eval_ar: bool = True
     eval_samples: int = 4  # images per prompt and plan: 75 prompts x 4 = 300 (+-2.5 points, not +-5 at 75)
-    temperature: float | None = 0.3  # None = the export's default (1.0)
+    temperature: float | None = 0.3  # the export's default sampling temperature; None = 1.0 (export's own)
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get(
         "SAR_SCALE_CACHE", Path.home() / ".cache" / "sar-scale")))
     quiet: bool = False
@@ -307,12 +307,13 @@ class Demo:
     def stage_export(self) -> str:
         out = self.p("model")
         self.run("export", self.cli("export", str(self.p("train")), str(out), "--overwrite",
-                                    *(["--ema"] if self.train_config().get("ema", {}).get("enabled") else [])))
+                                    *(["--ema"] if self.train_config().get("ema", {}).get("enabled") else []),
+                                    *self.sampling_flags()))
         cfg = json.loads((out / "config.json").read_text())
         self.results["export"].note = (f"{cfg['weights']['num_parameters'] / 1e6:.1f}M params"
                                        f"{' (EMA)' if cfg['weights'].get('ema') else ''}, default plan "
                                        f"{cfg['sampling']['order']}-{cfg['sampling']['num_sets']}-"
-                                       f"{cfg['sampling']['intervals']}")
+                                       f"{cfg['sampling']['intervals']} at temperature {cfg['sampling']['temperature']}")
         return str(out)
 
     def stage_samples(self) -> str:
@@ -321,7 +322,7 @@ class Demo:
         prompts.write_text("\n".join(SAMPLE_PROMPTS) + "\n")
         self.run("samples", self.cli("generate", "--model", str(self.p("model")), "--prompts-file", str(prompts),
                                      "--out", str(self.p("samples")), "--seed", str(self.seed),
-                                     "--batch-size", "16", *self.sampling_flags()))
+                                     "--batch-size", "16"))
         grid = self.p("samples", "grid.png")
         if not grid.is_file():
             raise StageError(f"generate wrote no {grid}")
@@ -333,8 +334,7 @@ class Demo:
                        "--shards", str(self.p("shards_heldout")), "--out", str(self.p("eval")),
                        "--mlflow-uri", self.tracking_uri, "--seed", str(self.seed),
                        "--steps", *map(str, self.eval_steps), "--orders", *self.eval_orders,
-                       "--samples-per-prompt", str(self.eval_samples),
-                       *self.sampling_flags())
+                       "--samples-per-prompt", str(self.eval_samples))
         if not self.eval_ar:
             cmd.append("--no-ar")
         if self.quiet:
@@ -347,13 +347,16 @@ class Demo:
                               "images": default["n"],
                               "plans": {p["plan"]: {k: p[f"acc_{k}"] for k in ("color", "shape", "position", "all")}
                                         for p in shapes["plans"]},
-                              "nll": {p["plan"]: p["nll"] for p in res["nll"]["plans"]}}
+                              "nll": {p["plan"]: p["nll"] for p in res["nll"]["plans"]},
+                              "settings": shapes.get("settings", {})}
         self.results["eval"].note = (f"all-three accuracy {100 * default['acc_all']:.1f}% at the default plan "
                                      f"{shapes['default_plan']} ({shapes['resolution']} px)")
         return str(self.p("eval"))
 
     def sampling_flags(self) -> list[str]:
-        return [] if self.temperature is None else ["--temperature", str(self.temperature)]
+        """Export options: the release carries the sampling settings it is evaluated with as its defaults,
+        so samples, eval and a user's `sar-scale generate --model runs/demo/model` all sample alike."""
+        return [] if self.temperature is None else ["--sampling", f"temperature={self.temperature}"]
 
     def _log_to_mlflow(self, path: Path, artifact_path: str) -> None:
         run_id = self.facts.get("mlflow_run_id")
@@ -412,7 +415,7 @@ class Demo:
         ev = self.facts.get("eval")
         if ev:
             lines += ["", f"shapes accuracy at {ev['resolution']} px ({ev.get('images', '?')} images per plan = 75 prompts x "
-                      f"{self.eval_samples}; detector: color/shape/position):",
+                      f"{self.eval_samples}; detector: color/shape/position){_settings_text(ev.get('settings'))}:",
                       f"  {'plan':<20}{'color':>7}{'shape':>7}{'pos':>7}{'all-3':>7}   NLL nats/token"]
             for plan, a in ev["plans"].items():
                 mark = " <- default" if plan == ev["default_plan"] else ""
@@ -451,6 +454,14 @@ def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list[Path]:
         except FileNotFoundError:
             pass
     return removed
+
+
+def _settings_text(s: dict | None) -> str:
+    """The sampling settings an evaluation used (the export's defaults unless overridden)."""
+    if not s:
+        return ""
+    return (f"; sampled at cfg {s['cfg_scale']} ({s['cfg_schedule']}), temperature {s['temperature']}, "
+            f"top-k {s['top_k']}, top-p {s['top_p']}")
 
 
 def _usable_cpus() -> int:
@@ -521,7 +532,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-samples", type=int, default=4,
                    help="shapes images per prompt and plan (default 4: 75 prompts -> 300 images per plan)")
     p.add_argument("--temperature", type=float, default=0.3,
-                   help="sampling temperature for the sample grid and the evaluation (default 0.3; on a demo "
+                   help="default sampling temperature of the exported model, so of the sample grid, the evaluation "
+                        "and `sar-scale generate` on it (default 0.3; on a demo "
                         "model 0.1/0.3/0.5 gave 92.3/91.7/92.7%% all-three over 300 images, an earlier, weaker one "
                         "60%% at 0.3 vs 54%% at 0.7); a negative value uses the export's default, 1.0")
     p.add_argument("--fresh", action="store_true", help="delete WORKDIR first (default: reuse it; training resumes)")

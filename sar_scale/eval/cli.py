@@ -88,11 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plans(args: argparse.Namespace):
-    from sar_scale.eval.plans import parse_plan, standard_plans
+    from sar_scale.sar import Recipe, standard_recipes
 
     if args.plans:
-        return [parse_plan(t) for t in args.plans]
-    return standard_plans(args.steps, args.orders, args.intervals, include_ar=not args.no_ar)
+        return [Recipe.parse(t) for t in args.plans]
+    return standard_recipes(args.steps, args.orders, args.intervals, include_ar=not args.no_ar)
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
@@ -109,7 +109,6 @@ def make_generate_fn(pipe, resolution: int, sampling: dict[str, Any], batch_size
 
     def generate(prompts: list, plan, seed: int):
         """Captions for text models; class ids for class-conditional ones."""
-        steps = grid[0] * grid[1] if plan.is_ar else plan.num_sets
         bar = tqdm(total=len(prompts), desc=f"  {plan.name(grid)}", unit="img", disable=not progress, leave=False)
 
         def cb(b: int, nb: int, step: int, total: int) -> None:
@@ -117,8 +116,8 @@ def make_generate_fn(pipe, resolution: int, sampling: dict[str, Any], batch_size
                 bar.update(min(batch_size, len(prompts) - b * batch_size))
 
         cond = {"class_ids": prompts} if pipe.is_class_conditional else {"prompts": prompts}
-        tokens = pipe.generate_tokens(height=resolution, width=resolution, steps=steps, order=plan.order,
-                                      intervals="equal" if plan.is_ar else plan.intervals, seed=seed,
+        tokens = pipe.generate_tokens(height=resolution, width=resolution, steps=plan.steps(grid), order=plan.order,
+                                      intervals=plan.intervals, seed=seed,
                                       batch_size=batch_size, progress=cb, **cond, **sampling)
         bar.close()
         return pipe.decode(tokens, batch_size)
@@ -127,10 +126,7 @@ def make_generate_fn(pipe, resolution: int, sampling: dict[str, Any], batch_size
 
 
 def default_plan_of(pipe):
-    from sar_scale.eval.plans import PlanSpec
-
-    d = pipe.config.sampling
-    return PlanSpec(d.order, d.num_sets, d.intervals)
+    return pipe.config.sampling.recipe
 
 
 def run_shapes(pipe, args, out: Path, resolution: int, elog) -> dict[str, Any]:

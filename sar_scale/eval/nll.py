@@ -23,8 +23,7 @@ import torch
 from tqdm import tqdm
 
 from sar_scale.data.loader import BatchReader, ShardIndex
-from sar_scale.eval.plans import PlanSpec
-from sar_scale.sar import Condition, set_ar_loss
+from sar_scale.sar import Condition, Recipe, set_ar_loss
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +62,7 @@ def eval_batches(url: str, resolution: int, batch_size: int, max_samples: int | 
 
 
 @torch.no_grad()
-def token_nll(model: torch.nn.Module, url: str, resolution: int, plans: list[PlanSpec], cond_fn: CondFn,
+def token_nll(model: torch.nn.Module, url: str, resolution: int, plans: list[Recipe], cond_fn: CondFn,
               batch_size: int = 16, max_samples: int | None = 256, seed: int = 0, cond: str = "text_encoder",
               progress: bool = True) -> list[NLLResult]:
     """Mean per-token NLL of held-out shards under each plan (one forward per batch per plan)."""

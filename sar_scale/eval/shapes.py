@@ -23,14 +23,14 @@ from PIL import Image, ImageDraw
 
 from sar_scale.data.synthetic import COLORS, POSITIONS, SHAPES, caption_for
 from sar_scale.eval.detector import detect, score
-from sar_scale.eval.plans import PlanSpec
+from sar_scale.sar import Recipe
 
 logger = logging.getLogger(__name__)
 
 ATTRIBUTES = ("color", "shape", "position", "all")
 
 # prompts -> plan -> seed -> one image per prompt
-GenerateFn = Callable[[list[str], PlanSpec, int], list[Image.Image]]
+GenerateFn = Callable[[list[str], Recipe, int], list[Image.Image]]
 
 
 @dataclass(frozen=True)
@@ -105,7 +105,7 @@ def score_images(images: list[Image.Image], prompts: list[ShapesPrompt]) -> list
     return rows
 
 
-def run_shapes_suite(generate: GenerateFn, plans: list[PlanSpec], out_dir: str | Path | None = None,
+def run_shapes_suite(generate: GenerateFn, plans: list[Recipe], out_dir: str | Path | None = None,
                      samples_per_prompt: int = 1, seed: int = 0, grid: tuple[int, int] | None = None,
                      prompts: list[ShapesPrompt] | None = None,
                      progress: Callable[[str], None] | None = None) -> list[PlanResult]:

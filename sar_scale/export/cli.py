@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--download-dir", metavar="DIR", help="scratch space for s3:// checkpoints (default: $TMPDIR)")
     p.add_argument("--trust-checkpoint", action="store_true",
                    help="unpickle DeepSpeed files without restriction (only for checkpoints you wrote)")
+    p.add_argument("--sampling", nargs="+", metavar="KEY=VALUE", default=[],
+                   help="default sampling settings the export carries, over those derived from training "
+                        "(e.g. temperature=0.3 num_sets=8 cfg_scale=2): set the ones the model was evaluated with")
     p.add_argument("--overwrite", action="store_true", help="write into a non-empty OUT_DIR")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -76,7 +79,7 @@ def main(argv: list[str]) -> int:
                                 vq=args.vq, text_encoder=args.text_encoder, model_config=args.model_config,
                                 trust_checkpoint=args.trust_checkpoint, register=args.register,
                                 tracking_uri=args.tracking_uri, upload=args.upload, download_dir=args.download_dir,
-                                name=args.name)
+                                name=args.name, sampling=args.sampling)
     except (ExportError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"sar-scale export: {e}", file=sys.stderr)
         return 1 if "verification failed" in str(e) else 2

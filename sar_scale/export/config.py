@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sar_scale.config import ConfigError, StrictModel, load_config
-from sar_scale.sar.intervals import INTERVALS
-from sar_scale.sar.orders import ORDERS
+from sar_scale.sar.intervals import INTERVALS, Intervals
+from sar_scale.sar.orders import ORDERS, Order
+from sar_scale.sar.recipe import Recipe
 
 if TYPE_CHECKING:
     from sar_scale.models import FMTConfig
@@ -38,9 +39,9 @@ DTYPES = ("fp32", "bf16", "fp16")
 class SamplingDefaults(StrictModel):
     """The sampling recipe a pipeline uses when the caller does not say otherwise."""
 
-    order: str = Field("random", description=f"sequence order, one of {ORDERS}")
+    order: Order = Field("random", description=f"sequence order, one of {ORDERS}")
     num_sets: int = Field(16, ge=1, description="steps K (clipped to the number of tokens)")
-    intervals: str = Field("cosine", description=f"set sizes rule, one of {INTERVALS}")
+    intervals: Intervals = Field("cosine", description=f"set sizes rule, one of {INTERVALS}")
     cfg_scale: float = Field(1.0, ge=0.0, description="classifier-free guidance (1 = off)")
     cfg_schedule: Literal["constant", "linear"] = "constant"
     temperature: float = Field(1.0, ge=0.0, description="0 = greedy")
@@ -49,19 +50,9 @@ class SamplingDefaults(StrictModel):
     fixed_order_seed: int = Field(0, description="seed of the 'fixed_random' order used in training")
     subsample_stride: int = Field(2, ge=1, description="stride of the 'subsample' order")
 
-    @field_validator("order")
-    @classmethod
-    def _order(cls, v: str) -> str:
-        if v not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {v!r}")
-        return v
-
-    @field_validator("intervals")
-    @classmethod
-    def _intervals(cls, v: str) -> str:
-        if v not in INTERVALS:
-            raise ValueError(f"intervals must be one of {INTERVALS}, got {v!r}")
-        return v
+    @property
+    def recipe(self) -> Recipe:
+        return Recipe(self.order, self.num_sets, self.intervals)
 
 
 class VQRef(StrictModel):

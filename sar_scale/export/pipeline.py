@@ -26,9 +26,7 @@ import torch
 
 from sar_scale.export.config import CONFIG_NAME, ExportConfig, read_export_config
 from sar_scale.export.weights import check_state_dict, load_state_dict
-from sar_scale.sar import Condition, SetPlan, sample
-from sar_scale.sar.intervals import INTERVALS
-from sar_scale.sar.orders import ORDERS
+from sar_scale.sar import Condition, Recipe, SetPlan, sample
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -179,12 +177,7 @@ class SARPipeline:
              "cfg_schedule": cfg_schedule or d.cfg_schedule,
              "temperature": d.temperature if temperature is None else float(temperature),
              "top_k": d.top_k if top_k is None else int(top_k), "top_p": d.top_p if top_p is None else float(top_p)}
-        if s["steps"] < 1:
-            raise ValueError(f"steps must be >= 1, got {s['steps']}")
-        if s["order"] not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {s['order']!r}")
-        if s["intervals"] not in INTERVALS:
-            raise ValueError(f"intervals must be one of {INTERVALS}, got {s['intervals']!r}")
+        Recipe(s["order"], s["steps"], s["intervals"])  # validates order, steps, intervals
         if s["cfg_schedule"] not in ("constant", "linear"):
             raise ValueError(f"cfg_schedule must be 'constant' or 'linear', got {s['cfg_schedule']!r}")
         if s["cfg_scale"] < 0:
@@ -229,14 +222,10 @@ class SARPipeline:
         return Condition(text=emb_BLD.to(self.device, self.model.tok_emb.weight.dtype), text_mask=mask_BL.to(self.device))
 
     def _plan(self, grid: tuple[int, int], s: dict, seed: int, batch: int) -> SetPlan:
-        n = grid[0] * grid[1]
         d = self.config.sampling
-        g = torch.Generator().manual_seed(seed)
         # a fixed_random order is the one the model was trained with: its seed comes from training
-        order_seed = d.fixed_order_seed if s["order"] == "fixed_random" else seed
-        return SetPlan.build(grid, order=s["order"], num_sets=min(s["steps"], n), intervals=s["intervals"],
-                             seed=order_seed, batch_size=batch if s["order"] == "random" else None, generator=g,
-                             stride=d.subsample_stride)
+        return Recipe(s["order"], s["steps"], s["intervals"]).build(
+            grid, batch, seed, fixed_order_seed=d.fixed_order_seed, stride=d.subsample_stride)
 
     def _sample(self, cond: Condition, plan: SetPlan, s: dict, seed: int, kv_cache: bool, progress,
                 known_tokens=None, known_mask=None) -> torch.Tensor:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import sar_scale
+from sar_scale.config import load_config
 from sar_scale.export.card import model_card
 from sar_scale.export.checkpoints import (
     CheckpointSource,
@@ -320,15 +321,25 @@ def export_checkpoint(source: str, out_dir: str | Path, *, ema: bool = False, dt
                       max_shard_size: int | str = "5GB", vq: str | None = None, text_encoder: str | None = None,
                       model_config: str | None = None, trust_checkpoint: bool = False,
                       register: str | None = None, tracking_uri: str | None = None, upload: str | None = None,
-                      download_dir: str | Path | None = None, name: str | None = None) -> ExportResult:
-    """Consolidate ``source`` (run folder, checkpoint root/folder, or s3:// URL) into ``out_dir``."""
+                      download_dir: str | Path | None = None, name: str | None = None,
+                      sampling: list[str] | None = None) -> ExportResult:
+    """Consolidate ``source`` (run folder, checkpoint root/folder, or s3:// URL) into ``out_dir``.
+
+    ``sampling``: ``KEY=VALUE`` SamplingDefaults overrides of the defaults derived from the training
+    config - the settings a release was evaluated with belong in it as its defaults (the demo ships
+    temperature 0.3).
+    """
     t0 = time.time()
     torch_dtype(dtype)  # a bad --dtype fails before any work
+    if sampling:  # unknown keys or bad values fail before any work, naming the field
+        load_config(SamplingDefaults, None, sampling)
     out = Path(out_dir)
     with tempfile.TemporaryDirectory(prefix="sar-export-", dir=download_dir) as tmp:
         src = resolve_checkpoint(source, Path(tmp))
         fmt = model_config_for(src, model_config)
         meta = _train_metadata(src, fmt)
+        if sampling:
+            meta["sampling"] = load_config(SamplingDefaults, meta["sampling"].model_dump(), sampling)
         logger.info("exporting %s (%s, step %s) as %s%s", src.display, src.kind, meta["source"].global_step,
                     dtype, " EMA" if ema else "")
         state = consolidated_state(src, trust_checkpoint)

@@ -10,10 +10,12 @@
 from __future__ import annotations
 
 import math
+from typing import Literal, get_args
 
 import torch
 
-INTERVALS = ("ar", "equal", "cosine", "random")
+Intervals = Literal["ar", "equal", "cosine", "random"]
+INTERVALS: tuple[str, ...] = get_args(Intervals)
 
 
 def set_sizes(n: int, num_sets: int, intervals: str, seed: int = 0,

@@ -7,9 +7,12 @@ per sample (``[B, N]``, only "random").
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
-ORDERS = ("raster", "random", "fixed_random", "spiral", "zigzag", "subsample")
+Order = Literal["raster", "random", "fixed_random", "spiral", "zigzag", "subsample"]
+ORDERS: tuple[str, ...] = get_args(Order)
 
 
 def raster_order(h: int, w: int) -> torch.Tensor:

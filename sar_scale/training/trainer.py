@@ -588,7 +588,7 @@ class Trainer:
 
         Under ZeRO-3 the weights are gathered first (collective); sampling itself runs on rank 0.
         """
-        from sar_scale.sar import Condition, SetPlan, sample
+        from sar_scale.sar import Condition, Recipe, sample
 
         cfg = self.cfg
         st = cfg.curriculum.stages[si]
@@ -611,8 +611,7 @@ class Trainer:
             batch = _slice_batch(batch, k)
             cond = self._condition(batch, Condition)
             grid = batch["grid"]
-            plan = SetPlan.build(grid, order="random", num_sets=min(cfg.mlflow.sample_num_sets, grid[0] * grid[1]),
-                                 intervals="cosine", seed=cfg.seed)
+            plan = Recipe("random", cfg.mlflow.sample_num_sets, "cosine").build(grid, seed=cfg.seed)
             gen = torch.Generator(device=self.device).manual_seed(cfg.seed)
             tokens_BN = sample(model, cond, plan, cfg_scale=cfg.mlflow.sample_cfg_scale, generator=gen)
             vq = load_vq(cfg.mlflow.vq_path).to(self.device).eval()

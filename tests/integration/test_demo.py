@@ -82,4 +82,7 @@ def test_reduced_demo_end_to_end(tmp_path):
     ev = json.loads((work / "eval" / "results.json").read_text())
     assert ev["shapes"]["plans"] and all(0.0 <= p["acc_all"] <= 1.0 for p in ev["shapes"]["plans"])
     assert all(p["nll"] > 0 for p in ev["nll"]["plans"])
+    # the release carries the sampling settings it was evaluated with, and the table names them
+    assert pipe.config.sampling.temperature == 0.3 == ev["shapes"]["settings"]["temperature"]
+    assert "sampled at cfg" in proc.stdout and "temperature 0.3" in proc.stdout
     assert "sar-scale demo summary" in proc.stdout and "dashboard --workdir" in proc.stdout

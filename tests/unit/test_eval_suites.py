@@ -10,8 +10,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from sar_scale.data import synthetic as syn
-from sar_scale.eval.plans import PlanSpec, parse_plan, standard_plans
 from sar_scale.eval.shapes import format_table, run_shapes_suite, shapes_prompts
+from sar_scale.sar import Recipe, standard_recipes
 
 
 @pytest.fixture(autouse=True)
@@ -24,19 +24,19 @@ def _one_thread():
 
 
 def test_plans_parse_name_build():
-    assert parse_plan("raster-ar") == PlanSpec("raster", None, "ar")
-    assert parse_plan("random-16-cosine") == PlanSpec("random", 16, "cosine")
-    assert parse_plan("raster-8") == PlanSpec("raster", 8, "cosine")
+    assert Recipe.parse("raster-ar") == Recipe("raster", None, "ar")
+    assert Recipe.parse("random-16-cosine") == Recipe("random", 16, "cosine")
+    assert Recipe.parse("raster-8") == Recipe("raster", 8, "cosine")
     with pytest.raises(ValueError, match="ORDER-ar or ORDER-K"):
-        parse_plan("sixteen")
+        Recipe.parse("sixteen")
     with pytest.raises(ValueError, match="order must be one of"):
-        PlanSpec("diagonal", 4)
-    plans = standard_plans([16, 8, 16], ["random", "raster"])
+        Recipe("diagonal", 4)
+    plans = standard_recipes([16, 8, 16], ["random", "raster"])
     assert [p.name((8, 8)) for p in plans] == ["raster-64-ar", "random-16-cosine", "raster-16-cosine",
                                                "random-8-cosine", "raster-8-cosine"]
     ar = plans[0].build((4, 6), batch_size=3)
     assert ar.num_sets == 24 and ar.order.shape == (1, 24)
-    rnd = PlanSpec("random", 4).build((4, 6), batch_size=3, seed=1)
+    rnd = Recipe("random", 4).build((4, 6), batch_size=3, seed=1)
     assert rnd.order.shape == (3, 24) and rnd.num_sets == 4
     assert not torch.equal(rnd.order[0], rnd.order[1])  # each image its own order
 
@@ -73,7 +73,7 @@ def test_shapes_suite_scores_and_reports(tmp_path):
     assert len(prompts) == 75 and len({(p.color, p.shape, p.position) for p in prompts}) == 75
     assert prompts[0].caption == "a red circle on the left"
     gen, calls = _renderer()
-    plans = [PlanSpec("raster", None, "ar"), PlanSpec("random", 8)]
+    plans = [Recipe("raster", None, "ar"), Recipe("random", 8)]
     res = run_shapes_suite(gen, plans, tmp_path, samples_per_prompt=2, seed=5, grid=(8, 8))
     assert [r.plan for r in res] == ["raster-64-ar", "random-8-cosine"]
     assert all(r.n == 150 and r.accuracy == {"color": 1.0, "shape": 1.0, "position": 1.0, "all": 1.0} for r in res)
@@ -88,7 +88,7 @@ def test_shapes_suite_scores_and_reports(tmp_path):
 def test_shapes_suite_catches_a_wrong_attribute():
     """A 'model' that paints every red object yellow: color accuracy 80%, all-three too; rest perfect."""
     gen, _ = _renderer({"red": "yellow"})
-    (r,) = run_shapes_suite(gen, [PlanSpec("random", 4)], None, grid=(8, 8))
+    (r,) = run_shapes_suite(gen, [Recipe("random", 4)], None, grid=(8, 8))
     assert r.accuracy["color"] == pytest.approx(60 / 75) and r.accuracy["all"] == pytest.approx(60 / 75)
     assert r.accuracy["shape"] == 1.0 and r.accuracy["position"] == 1.0
     wrong = [row for row in r.per_prompt if not row["color"]]
@@ -106,7 +106,7 @@ def test_token_nll_on_shards_falls_with_training(tmp_path):
     write_debug_shards(url, num_samples=48, resolutions=(64,), vocab_size=64, noise=0.0)
     torch.manual_seed(0)
     model = build_model("debug")
-    plans = [PlanSpec("raster", None, "ar"), PlanSpec("random", 4)]
+    plans = [Recipe("raster", None, "ar"), Recipe("random", 4)]
 
     def cond_fn(batch):
         return Condition(class_ids=batch["class_ids"])

@@ -210,8 +210,19 @@ def test_zero0_checkpoint_export_end_to_end(parts, tmp_path):
     assert cfg.source.kind == "stage0" and cfg.source.global_step == 4 and cfg.source.last_loss == 1.5
     assert cfg.sampling.order == "random" and cfg.sampling.num_sets == 8 and cfg.sampling.intervals == "random"
     assert cfg.resolutions == [64] and cfg.vq.source == str(parts["vq"])
+    assert cfg.sampling.temperature == 1.0
     got = load_model(tmp_path / "out").state_dict()
     assert all(torch.equal(got[k], v) for k, v in model.state_dict().items())
+    # the settings a release was evaluated with ship as its defaults; bad ones fail before any work
+    res = export_checkpoint(str(tmp_path / "run"), tmp_path / "out2", vq=str(parts["vq"]),
+                            sampling=["temperature=0.3", "num_sets=4"])
+    assert res.config.sampling.temperature == 0.3 and res.config.sampling.num_sets == 4
+    assert read_export_config(tmp_path / "out2").sampling.recipe.name((8, 8)) == "random-4-random"
+    with pytest.raises(ConfigError, match="temprature"):
+        export_checkpoint(str(tmp_path / "run"), tmp_path / "out3", vq=str(parts["vq"]), sampling=["temprature=0.3"])
+    with pytest.raises(ConfigError, match="sampling|order"):
+        export_checkpoint(str(tmp_path / "run"), tmp_path / "out3", vq=str(parts["vq"]), sampling=["order=diagonal"])
+    assert not (tmp_path / "out3").exists()
     with pytest.raises(ExportError, match="incomplete checkpoint"):
         resolve_local(torn)
     (good / "mp_rank_00_model_states.pt").write_bytes(b"tampered")

@@ -94,3 +94,31 @@ def test_plan_sampler_is_deterministic_and_validated():
         load_config(PlanDistribution, {"orders": {"rastr": 1}})
     with pytest.raises(ConfigError, match="unknown key 'num_set'"):
         load_config(PlanDistribution, {"num_set": [4]})
+
+
+def test_recipe_is_the_one_parser_of_order_k_intervals():
+    from typing import get_args
+
+    from sar_scale.sar import Recipe
+    from sar_scale.sar.intervals import Intervals
+    from sar_scale.sar.orders import Order
+
+    assert ORDERS == get_args(Order) and INTERVALS == get_args(Intervals)
+    # one normal form for AR, however it is written
+    assert Recipe("raster", None, "cosine") == Recipe("raster", 16, "ar") == Recipe.parse("raster-ar")
+    assert Recipe.parse("raster-256-ar").is_ar and Recipe.parse("fixed_random-8-equal").order == "fixed_random"
+    assert Recipe.parse("Random-16") == Recipe("random", 16, "cosine")
+    assert Recipe("random", 64).name((4, 4)) == "random-16-cosine" and Recipe("raster", None).name() == "raster-N-ar"
+    for bad in ("random-0-cosine", "random-x-cosine", "random-16-cosine-x", "diagonal-4"):
+        with pytest.raises(ValueError):
+            Recipe.parse(bad)
+    with pytest.raises(ValueError, match="steps must be >= 1"):
+        Recipe("random", 2.5)
+    # build: per-sample orders only for 'random' with a batch; fixed_random keeps its training seed
+    assert Recipe("random", 4).build((4, 4), batch_size=3).order.shape == (3, 16)
+    assert Recipe("random", 4).build((4, 4)).order.shape == (1, 16)
+    a = Recipe("fixed_random", 4).build((4, 4), seed=1, fixed_order_seed=7)
+    b = Recipe("fixed_random", 4).build((4, 4), seed=2, fixed_order_seed=7)
+    assert torch.equal(a.order, b.order) and a.meta["seed"] == 7
+    ar = Recipe.parse("raster-ar").build((4, 4))
+    assert ar.num_sets == 16 and ar.order.tolist() == [list(range(16))]
