@@ -173,17 +173,12 @@ def run_nll(pipe, args, resolution: int, elog) -> dict[str, Any]:
     if default not in plans:
         plans.append(default)
     model = pipe.model
-    if model.config.cond == "class":
-        cond_mode = "class"
+    # text models: the export's own encoder on the captions, as generation conditions
+    cond_mode = "class" if model.config.cond == "class" else "text_encoder"
 
-        def cond_fn(batch):
-            return Condition(class_ids=batch["class_ids"])
-    else:
-        cond_mode = "text_encoder"  # the export's own encoder on the captions: what generation uses
-
-        def cond_fn(batch):
-            emb_BLD, mask_BL = pipe.text_encoder(batch["captions"])
-            return Condition(text=emb_BLD.to(pipe.device, model.tok_emb.weight.dtype), text_mask=mask_BL.to(pipe.device))
+    def cond_fn(batch):
+        return Condition.from_batch(batch, text_encoder=pipe.text_encoder, max_text_len=model.config.max_text_len,
+                                    device=pipe.device, dtype=model.tok_emb.weight.dtype)
 
     results = token_nll(model, args.shards, resolution, plans, cond_fn, batch_size=args.batch_size,
                         max_samples=args.max_samples, seed=args.seed, cond=cond_mode, progress=not args.quiet)

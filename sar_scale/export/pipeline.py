@@ -214,12 +214,9 @@ class SARPipeline:
         return items
 
     def _condition(self, items: list) -> Condition:
-        if self.is_class_conditional:
-            return Condition(class_ids=torch.tensor(items, dtype=torch.long, device=self.device))
-        emb_BLD, mask_BL = self.text_encoder(items)
-        keep = self.model.config.max_text_len  # as the training loader truncates precomputed features
-        emb_BLD, mask_BL = emb_BLD[:, :keep], mask_BL[:, :keep]
-        return Condition(text=emb_BLD.to(self.device, self.model.tok_emb.weight.dtype), text_mask=mask_BL.to(self.device))
+        batch = {"class_ids": items} if self.is_class_conditional else {"captions": items}
+        return Condition.from_batch(batch, text_encoder=self.text_encoder, max_text_len=self.model.config.max_text_len,
+                                    device=self.device, dtype=self.model.tok_emb.weight.dtype)
 
     def _plan(self, grid: tuple[int, int], s: dict, seed: int, batch: int) -> SetPlan:
         d = self.config.sampling

@@ -7,9 +7,13 @@ learned "start" condition token, so an empty text is still a valid, unconditiona
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+TextEncodeFn = Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]]  # captions -> ([B, L, D], [B, L])
 
 
 @dataclass
@@ -29,6 +33,35 @@ class Condition:
             if self.text_mask.shape != self.text.shape[:2]:
                 raise ValueError("text_mask must be [B, L] matching text")
             self.text_mask = self.text_mask.to(torch.bool)
+
+    @classmethod
+    def from_batch(cls, batch: Mapping[str, Any], *, text_encoder: TextEncodeFn | None = None,
+                   max_text_len: int | None = None, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> Condition:
+        """The condition of a batch, however it arrives: ``class_ids``, precomputed ``text`` features
+        (+ ``text_mask``), or ``captions`` run through ``text_encoder``. Text is cut to the model's
+        ``max_text_len`` (as training saw it) and moved to ``device``/``dtype``; the one constructor
+        used by training, evaluation and the generation pipeline."""
+        if batch.get("class_ids") is not None:
+            ids = batch["class_ids"]
+            ids = ids if isinstance(ids, torch.Tensor) else torch.as_tensor(ids, dtype=torch.long)
+            return cls(class_ids=ids.to(device) if device is not None else ids)
+        if batch.get("text") is not None:
+            text_BLD, mask_BL = batch["text"], batch.get("text_mask")
+        elif batch.get("captions") is not None:
+            if text_encoder is None:
+                raise ValueError("this batch has captions but no text encoder was given to encode them")
+            with torch.no_grad():
+                text_BLD, mask_BL = text_encoder(list(batch["captions"]))
+        else:
+            raise ValueError(f"a batch needs class_ids, text or captions for its condition; keys: {sorted(batch)}")
+        if max_text_len is not None:
+            text_BLD = text_BLD[:, :max_text_len]
+            mask_BL = mask_BL[:, :max_text_len] if mask_BL is not None else None
+        text_BLD = text_BLD.to(device if device is not None else text_BLD.device, dtype or text_BLD.dtype)
+        if mask_BL is not None:
+            mask_BL = mask_BL.to(text_BLD.device)
+        return cls(text=text_BLD, text_mask=mask_BL)
 
     @property
     def batch_size(self) -> int:

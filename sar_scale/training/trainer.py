@@ -549,15 +549,9 @@ class Trainer:
         return last_ckpt
 
     def _condition(self, batch: dict[str, Any], Condition):
-        if "class_ids" in batch:
-            return Condition(class_ids=batch["class_ids"].to(self.device))
-        if "text" in batch:
-            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-            return Condition(text=batch["text"].to(self.device, dtype), text_mask=batch["text_mask"].to(self.device))
-        with torch.no_grad():
-            emb_BLD, mask_BL = self.text_encoder(batch["captions"])
-        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
-        return Condition(text=emb_BLD.to(self.device, dtype), text_mask=mask_BL.to(self.device))
+        return Condition.from_batch(batch, text_encoder=self.text_encoder, max_text_len=self.model_cfg.max_text_len,
+                                    device=self.device,
+                                    dtype=torch.bfloat16 if self.precision == "bf16" else torch.float32)
 
     def _save(self, engine, ema, si: int, step_in_stage: int, position: DataPosition, stage_end: bool) -> Path:
         cfg, denv = self.cfg, self.denv

@@ -122,3 +122,26 @@ def test_recipe_is_the_one_parser_of_order_k_intervals():
     assert torch.equal(a.order, b.order) and a.meta["seed"] == 7
     ar = Recipe.parse("raster-ar").build((4, 4))
     assert ar.num_sets == 16 and ar.order.tolist() == [list(range(16))]
+
+
+def test_condition_from_batch_class_text_and_captions_truncated():
+    from sar_scale.sar import Condition
+
+    c = Condition.from_batch({"class_ids": [3, -1]})
+    assert c.class_ids.tolist() == [3, -1] and c.class_ids.dtype == torch.long
+    text, mask = torch.randn(2, 6, 4), torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]], dtype=torch.bool)
+    c = Condition.from_batch({"text": text, "text_mask": mask}, max_text_len=4, dtype=torch.float64)
+    assert c.text.shape == (2, 4, 4) and c.text.dtype == torch.float64 and c.text_mask.tolist()[1] == [1, 1, 0, 0]
+    calls = []
+
+    def encode(captions):  # a text encoder longer than the model's context
+        calls.append(list(captions))
+        return torch.ones(len(captions), 9, 4), torch.ones(len(captions), 9, dtype=torch.bool)
+
+    c = Condition.from_batch({"captions": ("a", "b")}, text_encoder=encode, max_text_len=5)
+    assert calls == [["a", "b"]] and c.text.shape == (2, 5, 4) and c.text_mask.shape == (2, 5)
+    assert Condition.from_batch({"captions": ["a"]}, text_encoder=encode).text.shape == (1, 9, 4)
+    with pytest.raises(ValueError, match="no text encoder"):
+        Condition.from_batch({"captions": ["a"]})
+    with pytest.raises(ValueError, match="class_ids, text or captions"):
+        Condition.from_batch({"tokens": torch.zeros(1, 4)})
