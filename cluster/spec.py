@@ -18,11 +18,10 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from sar_scale.config import ConfigError, StrictModel, load_config
+from sar_scale.utils.redact import is_secret_key
 
 BACKENDS = ("local", "slurm", "ray", "k8s")
 JOB_ID_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-# Names that carry credentials: never allowed as plain `env` values in a profile.
-SECRET_NAME_RE = re.compile(r"SECRET|TOKEN|PASSW(OR)?D|CREDENTIAL|PRIVATE_KEY|ACCESS_KEY|API_KEY", re.I)
 ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # Slurm --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 _TIME_RE = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
@@ -150,7 +149,7 @@ class ClusterProfile(StrictModel):
         for k in v:
             if not ENV_NAME_RE.match(k):
                 raise ValueError(f"env name {k!r} is not a valid environment variable name")
-            if SECRET_NAME_RE.search(k):
+            if is_secret_key(k):  # credentials are never plain `env` values in a profile
                 raise ValueError(f"env.{k} looks like a secret: list its NAME under secret_env and set "
                                  f"the value in the submitting environment (never inline secrets)")
         return v

@@ -25,7 +25,8 @@ import yaml
 from cluster.backends.base import Backend, JobStatus, require_tool, run_tool, sar_argv, tail_text
 from cluster.errors import BackendUnreachableError, ClusterError, SubmitError
 from cluster.registry import JobRecord
-from cluster.spec import SECRET_NAME_RE, JobSpec, time_to_seconds
+from cluster.spec import JobSpec, time_to_seconds
+from sar_scale.utils.redact import is_secret_key
 
 LABEL = "sar-scale/job-id"
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
@@ -290,7 +291,7 @@ def validate_manifest(doc: dict[str, Any]) -> list[str]:
             for e in c.get("env") or []:
                 if ("value" in e) == ("valueFrom" in e):
                     errs.append(f"{kind}: {where} env {e.get('name')!r} needs exactly one of value/valueFrom")
-                if "value" in e and SECRET_NAME_RE.search(e.get("name", "")):
+                if "value" in e and is_secret_key(e.get("name", "")):
                     errs.append(f"{kind}: {where} env {e.get('name')!r} inlines a secret value")
                 if "value" in e and not isinstance(e["value"], str):
                     errs.append(f"{kind}: {where} env {e.get('name')!r}: value must be a string")

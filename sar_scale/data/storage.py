@@ -26,6 +26,8 @@ from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
+from sar_scale.utils.redact import redact_text
+
 logger = logging.getLogger(__name__)
 
 # A temp object left by a crashed local write has this marker in its name; `list` hides them and
@@ -39,11 +41,6 @@ class StorageError(RuntimeError):
 
 class StorageNotFound(StorageError, FileNotFoundError):
     """The key does not exist."""
-
-
-def _redact(text: str) -> str:
-    """Remove ``user:password@`` from URLs so a repr or error never leaks credentials."""
-    return re.sub(r"(\w+://)[^/@\s]+@", r"\1***@", text)
 
 
 def _check_key(key: str) -> str:
@@ -212,7 +209,7 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     """``s3://bucket/a/b`` -> ``("bucket", "a/b")`` (prefix without leading/trailing slash)."""
     pr = urlparse(url)
     if pr.scheme != "s3" or not pr.netloc:
-        raise ValueError(f"not an s3 URL (want s3://bucket/prefix): {_redact(url)!r}")
+        raise ValueError(f"not an s3 URL (want s3://bucket/prefix): {redact_text(url)!r}")
     return pr.netloc, pr.path.strip("/")
 
 
@@ -281,7 +278,7 @@ class _ResumableS3Body(io.RawIOBase):
     def _reopen(self, err: Exception | str, attempt: int) -> None:
         if attempt >= self.attempts:
             raise StorageError(f"get {self.storage.url(self.key)} failed after {attempt} body attempts at byte "
-                               f"{self.pos} of {self.size}: {_redact(str(err))}")
+                               f"{self.pos} of {self.size}: {redact_text(str(err))}")
         logger.warning("%s: body cut at byte %d of %d (%s), resuming (%d/%d)", self.storage.url(self.key),
                        self.pos, self.size, err if isinstance(err, str) else type(err).__name__, attempt,
                        self.attempts - 1)
@@ -344,7 +341,7 @@ class S3Storage(Storage):
 
     def __repr__(self) -> str:  # no credentials, ever
         ep = self._client_kw["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL") or "aws"
-        return f"S3Storage({self.root!r}, endpoint={_redact(ep)!r})"
+        return f"S3Storage({self.root!r}, endpoint={redact_text(ep)!r})"
 
     @property
     def attempts(self) -> int:
@@ -383,7 +380,7 @@ class S3Storage(Storage):
             hint = " (permanent: check bucket name and credentials)" if code in _PERMANENT else ""
             return StorageError(f"{op} {where} failed: {code}{hint}")
         # EndpointConnectionError, ReadTimeout, ... after botocore's retries are exhausted.
-        return StorageError(f"{op} {where} failed after retries: {type(err).__name__}: {_redact(str(err))}")
+        return StorageError(f"{op} {where} failed after retries: {type(err).__name__}: {redact_text(str(err))}")
 
     def _call(self, op: str, key: str, fn, *a, **kw):
         try:
@@ -396,7 +393,7 @@ class S3Storage(Storage):
             from boto3.exceptions import S3UploadFailedError
 
             if isinstance(e, S3UploadFailedError):  # the transfer manager's wrapper of a failed PutObject
-                raise StorageError(f"{op} {self.url(key)} failed after retries: {_redact(str(e))}") from None
+                raise StorageError(f"{op} {self.url(key)} failed after retries: {redact_text(str(e))}") from None
             raise
 
     def put_file(self, local: str | Path, key: str) -> None:
@@ -537,7 +534,7 @@ def open_storage(url: str | Path, **kwargs: Any) -> Storage:
     if s.startswith("file://"):
         s = urlparse(s).path
     elif re.match(r"^[a-zA-Z][a-zA-Z0-9+.-]*://", s):
-        raise ValueError(f"unsupported storage URL {_redact(s)!r}: use a local path or s3://bucket/prefix")
+        raise ValueError(f"unsupported storage URL {redact_text(s)!r}: use a local path or s3://bucket/prefix")
     return LocalStorage(s)
 
 

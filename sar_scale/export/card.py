@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from sar_scale.export.config import ExportConfig
-from sar_scale.training.redact import redact_text
+from sar_scale.utils.redact import redact_text
 
 
 def _fmt(v: Any) -> str:

@@ -40,7 +40,7 @@ from sar_scale.checkpoint.manager import (
     verify_checkpoint,
 )
 from sar_scale.checkpoint.safe_load import deepspeed_safe_globals, restricted_unpickling
-from sar_scale.training.redact import redact_text
+from sar_scale.utils.redact import redact_text
 
 if TYPE_CHECKING:
     from sar_scale.models import FMTConfig

@@ -67,7 +67,7 @@ def main(argv: list[str]) -> int:
     from sar_scale.config import ConfigError
     from sar_scale.export.checkpoints import ExportError
     from sar_scale.export.release import export_checkpoint
-    from sar_scale.training.redact import install_log_filter
+    from sar_scale.utils.redact import install_log_filter
 
     install_log_filter()
     out = Path(args.out_dir)

@@ -75,7 +75,7 @@ def _download_export(url: str, cache_dir: Path | None) -> Path:
     store = open_storage(url)
     keys = store.list("")
     if CONFIG_NAME not in keys:
-        from sar_scale.training.redact import redact_text
+        from sar_scale.utils.redact import redact_text
 
         raise FileNotFoundError(f"{redact_text(url)}: no {CONFIG_NAME} (not an export, or its upload is incomplete)")
     root = cache_dir or Path.home() / ".cache" / "sar-scale" / "exports"

@@ -45,7 +45,7 @@ from sar_scale.export.config import (
     write_export_config,
 )
 from sar_scale.export.weights import check_state_dict, save_sharded, torch_dtype
-from sar_scale.training.redact import redact_obj, redact_text
+from sar_scale.utils.redact import redact_obj, redact_text
 
 if TYPE_CHECKING:
     from sar_scale.models import FMTConfig

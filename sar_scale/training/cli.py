@@ -81,7 +81,7 @@ def main(argv: list[str]) -> int:
 
         from sar_scale.distributed.ds_config import deepspeed_config
         from sar_scale.distributed.env import get_dist_env
-        from sar_scale.training.redact import collect_secret_values, redact_obj
+        from sar_scale.utils.redact import collect_secret_values, redact_obj
 
         secrets = collect_secret_values(cfg.model_dump())
         st = cfg.curriculum.stages[0]

@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sar_scale.training.redact import redact_obj, redact_text
+from sar_scale.utils.redact import redact_obj, redact_text
 
 logger = logging.getLogger(__name__)
 

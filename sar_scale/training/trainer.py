@@ -42,8 +42,8 @@ from sar_scale.distributed.ds_config import deepspeed_config, resolve_precision
 from sar_scale.distributed.env import DistEnv, set_cpu_threads
 from sar_scale.distributed.init import destroy_distributed, init_distributed, resolve_device
 from sar_scale.training.config import TrainConfig
-from sar_scale.training.redact import collect_secret_values, install_log_filter, redact_obj
 from sar_scale.training.tracking import Tracker
+from sar_scale.utils.redact import collect_secret_values, install_log_filter, redact_obj
 
 logger = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from sar_scale.distributed.ds_config import deepspeed_config
 from sar_scale.distributed.env import expand_hostlist, get_dist_env, threads_per_rank
 from sar_scale.distributed.faults import parse_faults
 from sar_scale.training.config import TrainConfig
-from sar_scale.training.redact import SecretFilter, is_secret_key, redact_obj, redact_text
 from sar_scale.training.tracking import flatten
+from sar_scale.utils.redact import SecretFilter, is_secret_key, redact_obj, redact_text
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = {"data": {"url": "/tmp/x"},

@@ -1,4 +1,6 @@
-"""Keep secrets out of logs, MLflow params/tags and resolved-config files (reliability promise 8).
+"""Keep secrets out of logs, MLflow params/tags, resolved-config files, error messages and job specs
+(reliability promise 8) - the one home of what counts as a secret, used by training, export, storage
+and the cluster profiles.
 
 Three nets, because a secret can arrive three ways: under a secret-looking key (``password:``,
 ``aws_secret_access_key:``), inside a URL (``https://user:pw@host``, ``?token=...``), or as the
@@ -26,6 +28,8 @@ _MIN_SECRET_LEN = 4
 
 
 def is_secret_key(name: str) -> bool:
+    """A config key or environment variable name that holds a secret (``aws_secret_access_key``,
+    ``MLFLOW_TRACKING_TOKEN``, ``api-key``); ``tokens_per_batch`` / ``TOKENIZERS_PARALLELISM`` do not."""
     return bool(_SECRET_KEY.search(str(name)))
 
 
