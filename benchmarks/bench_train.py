@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -226,17 +225,13 @@ def bench_trainer(model: str, grid, mb: int, steps: int, peak: float) -> dict:
             "achieved_flops_per_s": flops / total_t, "cpu_mfu": flops / total_t / peak}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def bench_zero_memory(model: str, grid, mb: int) -> dict:
     """Launch 2 ranks; each trains one step under ZeRO-0 then ZeRO-3 and reports its live tensor bytes."""
+    from sar_scale.utils.net import free_port
+
     procs = []
     with tempfile.TemporaryDirectory() as tmp:
-        port = _free_port()
+        port = free_port()
         for r in range(2):
             env = dict(os.environ, RANK=str(r), WORLD_SIZE="2", LOCAL_RANK=str(r), LOCAL_WORLD_SIZE="2",
                        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), OMP_NUM_THREADS="1")

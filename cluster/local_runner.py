@@ -13,35 +13,29 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from cluster.registry import write_json_atomic
+from sar_scale.utils.atomic import atomic_write_json
+from sar_scale.utils.cpus import usable_cpus
+from sar_scale.utils.net import free_port
 
 GRACE_S = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def run(job_dir: Path) -> int:
     plan = json.loads((job_dir / "plan.json").read_text())
     state_path = job_dir / "state.json"
-    port = str(_free_port())
+    port = str(free_port())
     env = dict(os.environ)
     env.update(plan.get("env", {}))
     env["SAR_SCALE_JOB_ID"] = plan["job_id"]
     if plan.get("ranks") and "OMP_NUM_THREADS" not in env:
         # Every rank of every local "node" shares this machine: split its cores (oversubscribing
         # halves step speed on CPU).
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        env["OMP_NUM_THREADS"] = str(max(1, cores // plan["ranks"]))
+        env["OMP_NUM_THREADS"] = str(max(1, usable_cpus() // plan["ranks"]))
     cancelled = False
 
     def _on_term(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -62,7 +56,7 @@ def run(job_dir: Path) -> int:
         print(f"node {i}: pid {procs[-1].pid}: {' '.join(argv)}", flush=True)
     state = {"state": "RUNNING", "pid": os.getpid(), "started_at": time.time(), "rdzv_port": int(port),
              "nodes": [{"pid": p.pid, "log": n["log"]} for p, n in zip(procs, plan["nodes"])]}
-    write_json_atomic(state_path, state)
+    atomic_write_json(state_path, state, fsync=False)
 
     failed_at: float | None = None
     while True:
@@ -86,7 +80,7 @@ def run(job_dir: Path) -> int:
     codes = [p.returncode for p in procs]
     final = "CANCELLED" if cancelled else ("SUCCEEDED" if all(c == 0 for c in codes) else "FAILED")
     state.update(state=final, exit_codes=codes, ended_at=time.time())
-    write_json_atomic(state_path, state)
+    atomic_write_json(state_path, state, fsync=False)
     print(f"job {plan['job_id']}: {final} (exit codes {codes})", flush=True)
     return 0 if final == "SUCCEEDED" else 1
 

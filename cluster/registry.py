@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +19,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from sar_scale.config import StrictModel
+from sar_scale.utils.atomic import atomic_write
 
 ENV_VAR = "SAR_SCALE_JOBS_DIR"
 
@@ -76,13 +75,7 @@ class JobRegistry:
     def put(self, record: JobRecord) -> Path:
         d = self.job_dir(record.job_id)
         d.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=d, prefix=".record-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            fh.write(record.model_dump_json(indent=2))
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, d / "record.json")
-        return d / "record.json"
+        return atomic_write(d / "record.json", record.model_dump_json(indent=2))
 
     def list(self) -> list[JobRecord]:
         if not self.root.exists():
@@ -94,12 +87,3 @@ class JobRegistry:
             except ValueError:
                 continue  # a foreign or damaged file is not a job of ours
         return sorted(out, key=lambda r: r.submitted_at)
-
-
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Small helper shared by the local runner and backends."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}-")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=2)
-    os.replace(tmp, path)

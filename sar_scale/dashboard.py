@@ -15,7 +15,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,13 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from sar_scale.utils.net import free_port
+from sar_scale.utils.procs import stop_process_group
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_WORKDIR = "runs/demo"
 HOST = "127.0.0.1"  # loopback only: the UI has no authentication
-
-
-def free_port(host: str = HOST) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def find_store(workdir: str | Path) -> str:
@@ -137,16 +133,8 @@ class Dashboard:
     def stop(self, timeout: float = 5.0) -> None:
         # uvicorn waits for open keep-alive connections (a browser tab) before it exits on SIGTERM,
         # so the grace period is short and SIGKILL follows
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # the server's own group (start_new_session)
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(5)
-        except ProcessLookupError:
-            pass
+        if self.proc is not None:
+            stop_process_group(self.proc, timeout)  # the server's own group (start_new_session)
 
     def __enter__(self) -> Dashboard:
         self.start()

@@ -24,7 +24,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -35,6 +34,9 @@ from typing import Any
 import yaml
 
 from sar_scale.dashboard import die_with_parent
+from sar_scale.utils.cpus import usable_cpus
+from sar_scale.utils.net import free_port
+from sar_scale.utils.procs import stop_process_group
 
 logger = logging.getLogger(__name__)
 
@@ -137,7 +139,7 @@ class Demo:
                         last_print = el
                         print(f"  {label:<10} {_fmt_s(el):>6}  {_last_line(log)[:90]}", flush=True)
             except KeyboardInterrupt:
-                _stop(proc)
+                stop_process_group(proc, 30.0)
                 raise
             if tty and not self.quiet:
                 print("\r" + " " * 110 + "\r", end="", flush=True)
@@ -189,7 +191,7 @@ class Demo:
                            "--data", str(self.p("data", "shapes")), "--out", str(tmp))
             if self.vq_steps is not None:
                 cmd += ["--steps", str(self.vq_steps)]
-            self.run("vq", cmd, threads=_usable_cpus())
+            self.run("vq", cmd, threads=usable_cpus())
             tmp.replace(cached) if not cached.exists() else shutil.rmtree(tmp)
         else:
             res.status = "cached"
@@ -285,7 +287,7 @@ class Demo:
         cfg = str(REPO_CONFIGS / "train.yaml")
         if self.ranks > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.ranks}",
-                   "--master_addr=127.0.0.1", f"--master_port={_free_port()}", "-m", "sar_scale.cli", "train",
+                   "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "sar_scale.cli", "train",
                    cfg, *overrides]
         else:
             cmd = self.cli("train", cfg, *overrides)
@@ -464,11 +466,6 @@ def _settings_text(s: dict | None) -> str:
             f"top-k {s['top_k']}, top-p {s['top_p']}")
 
 
-def _usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask on Linux; all of them where there is none, e.g. macOS)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def _fmt_s(s: float) -> str:
     s = int(round(s))
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
@@ -490,22 +487,6 @@ def _read_tail(path: Path, n: int) -> list[str]:
 def _last_line(path: Path) -> str:
     tail = _read_tail(path, 1)
     return tail[0] if tail else ""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGTERM)  # the stage's own session (start_new_session)
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def build_parser() -> argparse.ArgumentParser:

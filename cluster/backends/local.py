@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -20,8 +19,10 @@ import psutil
 
 from cluster.backends.base import Backend, JobStatus, read_log, sar_argv, torchrun_argv
 from cluster.errors import ClusterError
-from cluster.registry import JobRecord, write_json_atomic
+from cluster.registry import JobRecord
 from cluster.spec import JobSpec
+from sar_scale.utils.atomic import atomic_write_json
+from sar_scale.utils.procs import stop_process_group
 
 CANCEL_WAIT_S = 20.0
 
@@ -54,7 +55,7 @@ class LocalBackend(Backend):
                                "--stages single (one job walking the stages)")
         job_dir.mkdir(parents=True, exist_ok=True)
         plan = launch_plan(spec)
-        write_json_atomic(job_dir / "plan.json", plan)
+        atomic_write_json(job_dir / "plan.json", plan, fsync=False)
         with open(job_dir / "supervisor.log", "ab") as log:
             proc = subprocess.Popen([sys.executable, "-m", "cluster.local_runner", str(job_dir)],
                                     cwd=plan["workdir"], stdout=log, stderr=subprocess.STDOUT,
@@ -113,19 +114,8 @@ class LocalBackend(Backend):
         if not self._alive(record):
             return
         pgid = int(record.info["pid"])  # the supervisor leads its own session/process group
-        try:
-            os.killpg(pgid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        deadline = time.time() + CANCEL_WAIT_S
-        while time.time() < deadline and self._alive(record):
-            time.sleep(0.2)
-        if self._alive(record):
-            try:
-                os.killpg(pgid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        if stop_process_group(pgid, CANCEL_WAIT_S, alive=lambda: self._alive(record)):
             state_path = job_dir / "state.json"
             state = json.loads(state_path.read_text()) if state_path.exists() else {}
             state.update(state="CANCELLED", ended_at=time.time())
-            write_json_atomic(state_path, state)
+            atomic_write_json(state_path, state, fsync=False)

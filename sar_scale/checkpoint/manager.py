@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from sar_scale.distributed import comm
+from sar_scale.utils.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -67,18 +68,7 @@ def sha256_file(path: str | Path, bufsize: int = 1 << 22) -> str:
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    # make the rename durable before anyone trusts it
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    atomic_write(path, text, sync_dir=True)  # the rename is durable before anyone trusts it
 
 
 def _files_of(ckpt_dir: Path) -> list[str]:

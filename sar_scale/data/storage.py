@@ -19,20 +19,19 @@ import re
 import shutil
 import tempfile
 import threading
-import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
 
+from sar_scale.utils.atomic import TMP_MARK, atomic_path
 from sar_scale.utils.redact import redact_text
 
 logger = logging.getLogger(__name__)
 
-# A temp object left by a crashed local write has this marker in its name; `list` hides them and
-# `clean_temp` removes them, so they are never visible to readers of shard names.
-TMP_MARK = ".tmp-"
+# A temp object left by a crashed local write has TMP_MARK in its name (utils/atomic.py); `list` hides
+# them and `clean_temp` removes them, so they are never visible to readers of shard names.
 
 
 class StorageError(RuntimeError):
@@ -117,18 +116,8 @@ class LocalStorage(Storage):
         return self.path / _check_key(key)
 
     def _atomic_write(self, key: str, writer) -> None:
-        dest = self._p(key)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f"{dest.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as f:
-                writer(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, dest)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        with atomic_path(self._p(key)) as tmp, open(tmp, "wb") as f:
+            writer(f)
 
     def put_file(self, local: str | Path, key: str) -> None:
         with open(local, "rb") as src:

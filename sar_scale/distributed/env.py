@@ -12,8 +12,9 @@ from __future__ import annotations
 import logging
 import os
 import re
-import socket
 from dataclasses import asdict, dataclass
+
+from sar_scale.utils.cpus import usable_cpus
 
 logger = logging.getLogger(__name__)
 
@@ -135,23 +136,13 @@ def export_torch_env(denv: DistEnv) -> None:
     })
 
 
-def free_port() -> int:
-    """A free TCP port on loopback (for a single-process world that still needs a process group)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def threads_per_rank(local_world_size: int, cores: int | None = None) -> int:
     """CPU threads each rank should use: the node's usable cores split evenly, at least 1.
 
     Oversubscribing (every rank using all cores) roughly halves step speed on CPU.
     """
     if cores is None:
-        try:
-            cores = len(os.sched_getaffinity(0))
-        except AttributeError:  # pragma: no cover - non-Linux
-            cores = os.cpu_count() or 1
+        cores = usable_cpus()
     return max(1, cores // max(1, local_world_size))
 
 

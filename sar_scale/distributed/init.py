@@ -7,7 +7,8 @@ import logging
 import os
 from pathlib import Path
 
-from sar_scale.distributed.env import DistEnv, export_torch_env, free_port, get_dist_env
+from sar_scale.distributed.env import DistEnv, export_torch_env, get_dist_env
+from sar_scale.utils.net import free_port
 
 logger = logging.getLogger(__name__)
 

@@ -23,6 +23,7 @@ from sar_scale.config import ConfigError, StrictModel, load_config
 from sar_scale.sar.intervals import INTERVALS, Intervals
 from sar_scale.sar.orders import ORDERS, Order
 from sar_scale.sar.recipe import Recipe
+from sar_scale.utils.atomic import atomic_write_json
 
 if TYPE_CHECKING:
     from sar_scale.models import FMTConfig
@@ -164,11 +165,7 @@ def read_export_config(export_dir: str | Path) -> ExportConfig:
 
 
 def write_export_config(cfg: ExportConfig, export_dir: str | Path) -> Path:
-    path = Path(export_dir) / CONFIG_NAME
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    return atomic_write_json(Path(export_dir) / CONFIG_NAME, cfg.model_dump(mode="json"))
 
 
 __all__ = ["CONFIG_NAME", "DTYPES", "FORMAT", "FORMAT_VERSION", "WEIGHTS_INDEX_NAME", "WEIGHTS_NAME",

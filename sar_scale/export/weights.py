@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from sar_scale.export.config import WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_PATTERN
+from sar_scale.utils.atomic import atomic_path, atomic_write_json
 
 logger = logging.getLogger(__name__)
 
@@ -64,16 +65,13 @@ def save_sharded(state: Mapping[str, Any], out_dir: str | Path, dtype: torch.dty
     items = split.filename_to_tensors.items()
     for fname, keys in tqdm(items, desc="writing safetensors", disable=len(items) < 2):
         shard = {k: state[k].contiguous().to(_target_dtype(state[k], dtype)).contiguous() for k in keys}
-        tmp = out / (fname + ".tmp")
-        save_file(shard, str(tmp), metadata=md)
-        os.replace(tmp, out / fname)
+        with atomic_path(out / fname) as tmp:
+            save_file(shard, str(tmp), metadata=md)
         _share(out / fname)
         del shard
     if split.is_sharded:
         index = {"metadata": {**split.metadata, **md}, "weight_map": split.tensor_to_filename}
-        tmp = out / (WEIGHTS_INDEX_NAME + ".tmp")
-        tmp.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-        os.replace(tmp, out / WEIGHTS_INDEX_NAME)
+        atomic_write_json(out / WEIGHTS_INDEX_NAME, index, sort_keys=True)
         logger.info("wrote %d weight shards (max %s each) + %s", len(items), max_shard_size, WEIGHTS_INDEX_NAME)
     return sorted(split.filename_to_tensors)
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 from pydantic import field_validator, model_validator
 
 from sar_scale.config import ConfigError, StrictModel, load_config
+from sar_scale.utils.atomic import atomic_path, atomic_write_json
 
 log = logging.getLogger(__name__)
 
@@ -445,13 +445,10 @@ def save_vq(model: VQModel, out_dir: str | Path, extra: dict[str, Any] | None = 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp_w = out / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp_w), metadata={"format": "pt", "arch": "llamagen-vq"})
+    with atomic_path(out / WEIGHTS_NAME) as tmp_w:
+        save_file(state, str(tmp_w), metadata={"format": "pt", "arch": "llamagen-vq"})
     meta = {"arch": "llamagen-vq", "downsample": model.downsample, **(extra or {})}
-    tmp_c = out / (CONFIG_NAME + ".tmp")
-    tmp_c.write_text(json.dumps({"config": model.config.model_dump(), "meta": meta}, indent=2))
-    os.replace(tmp_w, out / WEIGHTS_NAME)
-    os.replace(tmp_c, out / CONFIG_NAME)
+    atomic_write_json(out / CONFIG_NAME, {"config": model.config.model_dump(), "meta": meta})
     return out
 
 

@@ -43,6 +43,7 @@ from sar_scale.distributed.env import DistEnv, set_cpu_threads
 from sar_scale.distributed.init import destroy_distributed, init_distributed, resolve_device
 from sar_scale.training.config import TrainConfig
 from sar_scale.training.tracking import Tracker
+from sar_scale.utils.atomic import atomic_write
 from sar_scale.utils.redact import collect_secret_values, install_log_filter, redact_obj
 
 logger = logging.getLogger(__name__)
@@ -82,9 +83,9 @@ class _Status:
         if not force and state == self._state and now - self._last < self.every_s:
             return
         self._last, self._state = now, state
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({**self.base, "state": state, "step": step, "time": now, **extra}))
-        os.replace(tmp, self.path)
+        # no fsync: a heartbeat a second, read by live peers, not a record that must survive a crash
+        atomic_write(self.path, json.dumps({**self.base, "state": state, "step": step, "time": now, **extra}),
+                     fsync=False)
 
 
 def _alive(pid: int) -> bool:

@@ -17,7 +17,7 @@ from sar_scale.data.storage import (
     open_storage,
     register_webdataset_s3,
 )
-from tests.conftest import free_port
+from sar_scale.utils.net import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -113,8 +113,8 @@ def test_stage_threads_default_one_vq_all_cores_user_wins(tmp_path, monkeypatch)
     assert d.env()["OMP_NUM_THREADS"] == "1" and d.env(threads=2)["OMP_NUM_THREADS"] == "2"
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert d.env(threads=2)["OMP_NUM_THREADS"] == "3"
-    from sar_scale import demo as demo_mod
+    from sar_scale.utils.cpus import usable_cpus
 
-    assert 1 <= demo_mod._usable_cpus() <= (os.cpu_count() or 1)
+    assert 1 <= usable_cpus() <= (os.cpu_count() or 1)
     monkeypatch.delattr(os, "sched_getaffinity")  # no affinity API (macOS): every CPU
-    assert demo_mod._usable_cpus() == (os.cpu_count() or 1)
+    assert usable_cpus() == (os.cpu_count() or 1)

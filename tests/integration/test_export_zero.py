@@ -75,7 +75,8 @@ def _worker(cfg_json: str, ports: str, ref_dir: str) -> int:
 def runs(tmp_path_factory, s3_server) -> dict:
     from sar_scale.tokenizers.vq import VQConfig, build_vq, save_vq
     from sar_scale.training.debug_data import write_debug_shards
-    from tests.integration.train_launch import free_port, logs, spawn, wait
+    from sar_scale.utils.net import free_port
+    from tests.integration.train_launch import logs, spawn, wait
 
     root = tmp_path_factory.mktemp("export_zero")
     write_debug_shards(root / "shards", num_samples=16, resolutions=(64,), samples_per_shard=8, seed=5)

@@ -26,7 +26,7 @@ from cluster.backends.ray_jobs import RayBackend, reload_token
 from cluster.cli import main as submit_main
 from cluster.jobs_cli import main as jobs_main
 from cluster.registry import JobRegistry
-from tests.conftest import free_port
+from sar_scale.utils.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

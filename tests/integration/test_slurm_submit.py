@@ -29,7 +29,7 @@ from cluster.jobs_cli import main as jobs_main
 from cluster.registry import JobRegistry
 from cluster.submit import submit_job
 from sar_scale.config import load_config
-from tests.conftest import free_port
+from sar_scale.utils.net import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from sar_scale.training.debug_data import write_debug_shards
+from sar_scale.utils.net import free_port
 from tests.integration.train_launch import (
     REPO,
     data_order,
-    free_port,
     logs,
     metrics,
     rank_env,

@@ -15,7 +15,8 @@ import torch
 from sar_scale.config import load_config
 from sar_scale.training.config import TrainConfig
 from sar_scale.training.debug_data import write_debug_shards
-from tests.conftest import free_port, wait_http
+from sar_scale.utils.net import free_port
+from tests.conftest import wait_http
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -18,7 +18,7 @@ from cluster.registry import JobRecord, JobRegistry
 from cluster.spec import ClusterProfile, JobSpec, time_to_seconds
 from cluster.submit import submit_job
 from sar_scale.config import ConfigError, load_config
-from tests.conftest import free_port
+from sar_scale.utils.net import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -277,7 +277,7 @@ def _rank_worker(rank: int, world: int, port: int, weights: str, out: str) -> No
 def test_fid_sampling_split_over_two_ranks_equals_one(tmp_path):
     import torch.multiprocessing as mp
 
-    from sar_scale.distributed.env import free_port
+    from sar_scale.utils.net import free_port
 
     ext = _probs_net(tmp_path)
     one = generated_stats(_shapes_chunk, 23, 4, ext, save_dir=tmp_path / "imgs", progress=False)

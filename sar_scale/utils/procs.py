@@ -1,0 +1,57 @@
+"""Stopping a process group: what the demo stages, the dashboard's server, the local cluster
+backend and the tests' servers all do to a child started with ``start_new_session=True``."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable
+
+
+def stop_process_group(target: subprocess.Popen | int, grace_s: float = 30.0,
+                       alive: Callable[[], bool] | None = None) -> bool:
+    """SIGTERM the group led by ``target`` (a Popen, or a process-group id), wait up to ``grace_s``
+    for it to end, then SIGKILL it. ``alive`` says whether a pgid target still runs (default: any
+    member of the group exists). Returns True when SIGKILL was needed."""
+    proc = target if isinstance(target, subprocess.Popen) else None
+    pgid = proc.pid if proc is not None else int(target)
+    if proc is not None and proc.poll() is not None:
+        return False
+
+    def running() -> bool:
+        if alive is not None:
+            return alive()
+        try:
+            os.killpg(pgid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    try:
+        os.killpg(pgid, signal.SIGTERM)
+    except ProcessLookupError:
+        return False
+    if proc is not None:
+        try:
+            proc.wait(grace_s)
+            return False
+        except subprocess.TimeoutExpired:
+            pass
+    else:
+        deadline = time.monotonic() + grace_s
+        while time.monotonic() < deadline and running():
+            time.sleep(0.2)
+        if not running():
+            return False
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    if proc is not None:
+        proc.wait(10)
+    return True
+
+
+__all__ = ["stop_process_group"]
