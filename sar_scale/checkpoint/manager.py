@@ -338,6 +338,7 @@ class CheckpointManager:
                 continue  # could be a save in flight of a newer step: never touch
             self._wait_pending(c.tag)
             shutil.rmtree(c.path, ignore_errors=True)
+            shutil.rmtree(self.root / "universal" / c.tag, ignore_errors=True)  # its resharding copy, if any
             logger.info("pruned checkpoint %s", c.tag)
             if self.mirror_url:
                 try:
@@ -431,6 +432,48 @@ class CheckpointManager:
                 break
         chosen = comm.broadcast_object(chosen)
         return Path(chosen) if chosen else None
+
+    # ------------------------------------------------------------------ resharding
+    def universal(self, ckpt: Path) -> Path:
+        """Collective: a DeepSpeed universal checkpoint of (verified) ``ckpt`` for loading on another world
+        size; returns the folder to pass as ``load_dir`` (the tag stays ``ckpt.name``).
+
+        Rank 0 converts once with DeepSpeed's ``ds_to_universal`` into ``ROOT/universal/TAG`` (reused by a
+        later resume: a ``CONVERTED`` marker is written last), inside :func:`restricted_unpickling` so a
+        tampered checkpoint cannot run code while being converted. In-process (one worker): conversion
+        is I/O bound and a process pool would escape the restricted unpickler.
+        """
+        out_root = self.root / "universal"
+        dest = out_root / ckpt.name
+        err = ""
+        if comm.rank() == 0 and not (dest / "CONVERTED").is_file():
+            import argparse
+            import contextlib
+            import io
+
+            from deepspeed.checkpoint import ds_to_universal
+
+            from sar_scale.checkpoint.safe_load import restricted_unpickling
+
+            shutil.rmtree(dest, ignore_errors=True)
+            t0 = time.time()
+            args = argparse.Namespace(input_folder=str(ckpt), output_folder=str(dest), num_extract_workers=1,
+                                      num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                      inject_missing_state=True)
+            out = io.StringIO()
+            try:
+                with restricted_unpickling(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+                    ds_to_universal.main(args)
+                (dest / "CONVERTED").write_text(json.dumps({"source": str(ckpt), "time": time.time()}))
+                logger.info("converted %s to a universal checkpoint %s in %.1fs", ckpt, dest, time.time() - t0)
+            except Exception as e:  # noqa: BLE001 - reported to every rank below
+                err = (f"{ckpt}: converting to a DeepSpeed universal checkpoint (to reshard the optimizer "
+                       f"state for another world size) failed: {type(e).__name__}: {e}; "
+                       f"converter output: {out.getvalue()[-1500:]}")
+        err = comm.broadcast_object(err)
+        if err:
+            raise CheckpointError(err)
+        return out_root
 
     def retire_after(self, step: int) -> None:
         """Rank 0: move checkpoints newer than ``step`` aside (``*.retired-N``) so a later ``--resume auto``

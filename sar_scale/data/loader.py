@@ -3,17 +3,18 @@
 Why not stream the tars with webdataset: a stream cannot resume mid-epoch (webdataset #177/#271)
 and ranks with fewer shards than workers starve (#188). Instead every rank reads the same small
 index (``manifest.json`` + each shard's ``stats.json``, which record every member's byte range) and
-computes the same *schedule* - a pure function of (index, resolution, seed, stage, epoch, world):
+computes the same *schedule* - a pure function of (index, resolution, seed, stage, epoch, slots):
 
 1. samples with a token grid at the stage's resolution are grouped by grid (bucket);
 2. each bucket is shuffled with a seed of (seed, stage, epoch, h, w) and cut into global batches
-   of ``micro_batch(h, w) * world`` (``tokens_per_batch`` keeps tokens per batch constant); the
+   of ``micro_batch(h, w) * slots`` (``tokens_per_batch`` keeps tokens per batch constant); the
    last partial batch wraps around to the bucket's start (or is dropped);
 3. the batches of all buckets are interleaved by one more seeded permutation.
 
-Micro step ``i`` of an epoch is then the same bucket on every rank, and rank ``r`` range-reads only
-its slice (one GET per sample). The position ``(epoch, step)`` is all a checkpoint needs to
-continue exactly. Shape legend: B samples per rank, N = h*w tokens, L text tokens, D text width.
+Global batch ``i`` (one optimizer step) is then one bucket on every rank; it holds ``slots`` =
+grad_accum x world micro-batches and rank ``r`` reads slots ``m * world + r`` (one GET per sample).
+The position ``(epoch, global batches consumed)`` is all a checkpoint needs to continue exactly, on
+any world size that keeps ``slots``. Shape legend: B samples per rank, N = h*w tokens, L text tokens, D text width.
 """
 
 from __future__ import annotations
@@ -41,13 +42,26 @@ COND_MODES = ("class", "text_features", "text_encoder")
 
 @dataclass(frozen=True)
 class DataPosition:
-    """Micro-batches consumed: ``step`` within ``epoch`` of the current stage's schedule."""
+    """Global batches consumed: ``batch`` within ``epoch`` of the current stage's schedule.
+
+    World-independent: a global batch is ``slots`` micro-batches (``grad_accum x world``), whoever
+    reads them, so the same position continues the same order on any number of ranks that keeps
+    ``slots``. ``slots`` records the global batch the position was counted in (see :meth:`rescaled`).
+    """
 
     epoch: int = 0
-    step: int = 0
+    batch: int = 0
+    slots: int | None = None
 
-    def as_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "step": self.step}
+    def as_dict(self) -> dict[str, int | None]:
+        return {"epoch": self.epoch, "batch": self.batch, "slots": self.slots}
+
+    def rescaled(self, slots: int) -> DataPosition:
+        """The same position counted in global batches of ``slots`` micro-batches: about the same
+        number of samples consumed (``batch * old / new``, rounded down), same epoch."""
+        if self.slots is None or self.slots == slots:
+            return DataPosition(self.epoch, self.batch, slots)
+        return DataPosition(self.epoch, self.batch * self.slots // slots, slots)
 
 
 @dataclass
@@ -135,11 +149,13 @@ def micro_batch_for(grid: tuple[int, int], micro_batch: int | None, tokens_per_b
     return max(1, tokens_per_batch // (grid[0] * grid[1]))
 
 
-def build_schedule(grid_S2: np.ndarray, world: int, seed: int, stage: int, epoch: int,
+def build_schedule(grid_S2: np.ndarray, slots: int, seed: int, stage: int, epoch: int,
                    micro_batch: int | None = None, tokens_per_batch: int | None = None,
                    last_batch: str = "wrap") -> list[np.ndarray]:
     """Global batches of one epoch: a list of sample-id arrays, each of one bucket, each
-    ``micro_batch(bucket) * world`` long. Identical on every rank (pure function of its arguments)."""
+    ``micro_batch(bucket) * slots`` long (``slots`` = micro-batches per optimizer step over all
+    ranks = grad_accum x world). Identical on every rank and for every split of ``slots`` into
+    ranks and accumulation steps (pure function of its arguments)."""
     if last_batch not in ("wrap", "drop"):
         raise ValueError(f"last_batch must be 'wrap' or 'drop', got {last_batch!r}")
     batches: list[np.ndarray] = []
@@ -147,7 +163,7 @@ def build_schedule(grid_S2: np.ndarray, world: int, seed: int, stage: int, epoch
     for h, w in grids:
         idx = np.flatnonzero((grid_S2[:, 0] == h) & (grid_S2[:, 1] == w))
         perm = idx[np.random.default_rng([seed, stage, epoch, h, w]).permutation(len(idx))]
-        g = micro_batch_for((h, w), micro_batch, tokens_per_batch) * world
+        g = micro_batch_for((h, w), micro_batch, tokens_per_batch) * slots
         full, rem = divmod(len(perm), g)
         batches += [perm[i * g:(i + 1) * g] for i in range(full)]
         if rem and last_batch == "wrap":
@@ -166,18 +182,21 @@ def _lookup(obj: Any, dotted: str) -> Any:
 
 
 class BatchReader(Dataset):
-    """Map-style dataset: item ``i`` = this rank's slice of global batch ``i`` of one epoch.
+    """Map-style dataset: item ``i * grad_accum + m`` = this rank's micro-batch ``m`` of global batch ``i``.
 
-    Opens its storage lazily per process, so DataLoader workers get their own S3 clients.
+    A global batch holds ``slots = grad_accum * world`` micro-batches; micro-batch ``m`` of rank ``r``
+    is slot ``m * world + r``. Opens its storage lazily per process, so DataLoader workers get their
+    own S3 clients.
     """
 
     def __init__(self, url: str, table: SampleTable, schedule: list[np.ndarray], rank: int, world: int,
                  cond: str, epoch: int = 0, class_field: str = "extra.class_id", max_text_len: int | None = None,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, grad_accum: int = 1):
         if cond not in COND_MODES:
             raise ValueError(f"cond must be one of {COND_MODES}, got {cond!r}")
         self.url, self.table, self.schedule = url, table, schedule
         self.rank, self.world, self.cond, self.epoch = rank, world, cond, epoch
+        self.grad_accum = grad_accum
         self.class_field, self.max_text_len, self.vocab_size = class_field, max_text_len, vocab_size
         self._storage: Storage | None = None
         self._pid = -1
@@ -189,7 +208,7 @@ class BatchReader(Dataset):
         return self._storage
 
     def __len__(self) -> int:
-        return len(self.schedule)
+        return len(self.schedule) * self.grad_accum
 
     def _read_sample(self, sid: int) -> dict[str, Any]:
         t = self.table
@@ -239,16 +258,19 @@ class BatchReader(Dataset):
             out["text"] = feats[: self.max_text_len] if self.max_text_len else feats
         return out
 
-    def __getitem__(self, i: int) -> dict[str, Any]:
+    def __getitem__(self, item: int) -> dict[str, Any]:
+        i, m = divmod(item, self.grad_accum)
         ids = self.schedule[i]
-        mb = len(ids) // self.world
-        mine = ids[self.rank * mb:(self.rank + 1) * mb]
+        slots = self.world * self.grad_accum
+        mb = len(ids) // slots
+        slot = m * self.world + self.rank
+        mine = ids[slot * mb:(slot + 1) * mb]
         samples = [self._read_sample(int(s)) for s in mine]
         h, w = (int(x) for x in self.table.grid[int(mine[0])])
         batch: dict[str, Any] = {
             "tokens": torch.from_numpy(np.stack([s["tokens"] for s in samples]).astype(np.int64)),
             "grid": (h, w), "keys": [s["key"] for s in samples], "captions": [s["caption"] for s in samples],
-            "epoch": self.epoch, "step": i,
+            "epoch": self.epoch, "batch": i, "micro": m, "slot": slot,
         }
         if self.cond == "class":
             batch["class_ids"] = torch.tensor([s["class_id"] for s in samples], dtype=torch.long)
@@ -271,8 +293,10 @@ class BatchReader(Dataset):
 class StageStream:
     """This rank's micro-batches for one curriculum stage, epoch after epoch, from a saved position.
 
-    ``position`` always names the next micro-batch to hand out, so saving it after a step and
-    passing it back on resume continues exactly (prefetched, unconsumed batches are not counted).
+    Yields ``grad_accum`` micro-batches per global batch (slots ``m * world + rank``). ``position``
+    names the next global batch once the last micro-batch of one has been handed out, so saving it
+    after an optimizer step and passing it back on resume continues exactly - on any world size
+    with the same ``grad_accum * world`` (prefetched, unconsumed batches are not counted).
     """
 
     def __init__(self, url: str, resolution: int, rank: int, world: int, seed: int, stage: int,
@@ -280,11 +304,13 @@ class StageStream:
                  position: DataPosition | None = None, class_field: str = "extra.class_id",
                  max_text_len: int | None = None, vocab_size: int | None = None, num_workers: int = 1,
                  prefetch_factor: int = 2, last_batch: str = "wrap", index: ShardIndex | None = None,
-                 index_threads: int = 8):
+                 index_threads: int = 8, grad_accum: int = 1):
         self.url, self.rank, self.world, self.seed, self.stage = url, rank, world, seed, stage
+        self.grad_accum = grad_accum
+        self.slots = world * grad_accum
         self.cond = cond
         self.micro_batch, self.tokens_per_batch = micro_batch, tokens_per_batch
-        self.position = position or DataPosition()
+        self.position = (position or DataPosition()).rescaled(self.slots)
         self.reader_kw = dict(class_field=class_field, max_text_len=max_text_len, vocab_size=vocab_size)
         self.num_workers, self.prefetch_factor, self.last_batch = num_workers, prefetch_factor, last_batch
         self.index = index or ShardIndex(url, threads=index_threads)
@@ -293,15 +319,17 @@ class StageStream:
 
     def schedule(self, epoch: int) -> list[np.ndarray]:
         if epoch not in self._schedules:
-            self._schedules = {epoch: build_schedule(self.table.grid, self.world, self.seed, self.stage, epoch,
+            self._schedules = {epoch: build_schedule(self.table.grid, self.slots, self.seed, self.stage, epoch,
                                                      self.micro_batch, self.tokens_per_batch, self.last_batch)}
             if not self._schedules[epoch]:
                 raise ValueError(f"{self.url}: no full global batch at resolution {self.table.resolution} "
-                                 f"({len(self.table)} samples, world {self.world}, last_batch=drop)")
+                                 f"({len(self.table)} samples, {self.slots} micro-batches per global batch, "
+                                 "last_batch=drop)")
         return self._schedules[epoch]
 
     @property
     def steps_per_epoch(self) -> int:
+        """Global batches (optimizer steps) per epoch."""
         return len(self.schedule(self.position.epoch))
 
     def nominal_micro_batch(self) -> int:
@@ -311,17 +339,19 @@ class StageStream:
 
     def reader(self, epoch: int) -> BatchReader:
         return BatchReader(self.url, self.table, self.schedule(epoch), self.rank, self.world, self.cond,
-                           epoch=epoch, **self.reader_kw)
+                           epoch=epoch, grad_accum=self.grad_accum, **self.reader_kw)
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
-            epoch, start = self.position.epoch, self.position.step
+            epoch, start = self.position.epoch, self.position.batch
             reader = self.reader(epoch)
-            if start < len(reader):
-                loader = DataLoader(reader, batch_size=None, sampler=range(start, len(reader)),
+            ga = self.grad_accum
+            if start * ga < len(reader):
+                loader = DataLoader(reader, batch_size=None, sampler=range(start * ga, len(reader)),
                                     num_workers=self.num_workers,
                                     prefetch_factor=self.prefetch_factor if self.num_workers else None)
                 for batch in loader:
-                    self.position = DataPosition(epoch, batch["step"] + 1)
+                    if batch["micro"] == ga - 1:
+                        self.position = DataPosition(epoch, batch["batch"] + 1, self.slots)
                     yield batch
-            self.position = DataPosition(epoch + 1, 0)
+            self.position = DataPosition(epoch + 1, 0, self.slots)

@@ -32,12 +32,14 @@ def resolve_precision(precision: str, device_type: str) -> str:
 
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, stage: int = 0, micro_batch: int | None = None,
-                     device_type: str = "cpu", override: dict[str, Any] | None = None) -> dict[str, Any]:
+                     device_type: str = "cpu", override: dict[str, Any] | None = None,
+                     grad_accum: int | None = None) -> dict[str, Any]:
     """DeepSpeed JSON for curriculum ``stage`` at ``world_size`` ranks.
 
     ``micro_batch``: the nominal per-rank micro batch (with ``tokens_per_batch`` it differs per
     bucket; DeepSpeed only uses it for its batch-size bookkeeping). ``override``: a raw DeepSpeed
-    JSON deep-merged last (``--deepspeed-config``), over ``cfg.deepspeed.extra``.
+    JSON deep-merged last (``--deepspeed-config``), over ``cfg.deepspeed.extra``. ``grad_accum``:
+    the stage's accumulation steps when the resume planner changed them (default: the config's).
     """
     if world_size < 1:
         raise ValueError(f"world_size must be >= 1, got {world_size}")
@@ -46,6 +48,9 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, stage: int = 0, micro_ba
     mb = micro_batch or st.micro_batch
     if mb is None:
         raise ValueError(f"stage {st.name!r} uses tokens_per_batch: pass the nominal micro_batch")
+    ga = st.grad_accum if grad_accum is None else grad_accum
+    if ga < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {ga}")
     precision = resolve_precision(ds.precision, device_type)
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
@@ -61,8 +66,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, stage: int = 0, micro_ba
         zero["offload_optimizer"] = {"device": ds.offload_optimizer, "pin_memory": device_type == "cuda"}
     out: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": mb,
-        "gradient_accumulation_steps": st.grad_accum,
-        "train_batch_size": mb * st.grad_accum * world_size,
+        "gradient_accumulation_steps": ga,
+        "train_batch_size": mb * ga * world_size,
         "gradient_clipping": cfg.optim.grad_clip,
         "zero_optimization": zero,
         "steps_per_print": 1 << 30,  # we log ourselves; DeepSpeed's own prints are noise

@@ -5,7 +5,7 @@ different likelihood under each plan; comparing them shows which recipes the mod
 learned (a model trained on random-order random-interval plans should be close across K, and AR
 raster should be lowest when trained on it). The loss is exactly the training loss
 (``set_ar_loss`` over the model's logits), averaged over every token of up to ``max_samples``
-held-out samples, read through the training reader's byte-range index (one range read each).
+held-out samples, read through the training reader (whole shards, one ranged GET each).
 
 Shape legend: B samples, N tokens.
 """
@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sar_scale.data.loader import BatchReader, ShardIndex
+from sar_scale.data.loader import DatasetIndex, Piece, PieceReader, collate
 from sar_scale.sar import Condition, Recipe, set_ar_loss
 
 logger = logging.getLogger(__name__)
@@ -43,22 +43,55 @@ class NLLResult:
         return dict(self.__dict__)
 
 
+class EvalBatches:
+    """Held-out batches, one aspect bucket each: ``batches[i]`` -> the training reader's batch dict.
+    Reads each shard whole (one GET), keeping the last one in memory."""
+
+    def __init__(self, reader: PieceReader, batches: list[list[tuple[int, int]]]):
+        self.reader, self.batches = reader, batches
+        self._held: tuple[Piece, Any] | None = None
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def _piece(self, shard: int) -> tuple[Piece, Any]:
+        if self._held is None or self._held[0].shard != shard:
+            piece = Piece(shard, 0, self.reader.shards[shard].samples)
+            self._held = (piece, self.reader.fetch(piece))
+        return self._held
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        samples = []
+        for shard, row in self.batches[i]:
+            piece, got = self._piece(shard)
+            samples.append(self.reader.decode(shard, row, got, piece))
+        return collate(samples, self.reader.shards[self.batches[i][0][0]].grid, self.reader.cond)
+
+    def typical_grid(self) -> tuple[int, int]:
+        counts: dict[tuple[int, int], int] = {}
+        for b in self.batches:
+            g = self.reader.shards[b[0][0]].grid
+            counts[g] = counts.get(g, 0) + len(b)
+        return max(counts.items(), key=lambda kv: (kv[1], kv[0]))[0]
+
+
 def eval_batches(url: str, resolution: int, batch_size: int, max_samples: int | None, seed: int = 0,
                  cond: str = "text_encoder", vocab_size: int | None = None,
-                 max_text_len: int | None = None) -> tuple[BatchReader, int]:
-    """A reader over held-out samples grouped by bucket (fixed, seeded subset when capped)."""
-    index = ShardIndex(url)
-    table = index.table(resolution)
-    ids = np.arange(len(table))
+                 max_text_len: int | None = None) -> tuple[EvalBatches, int]:
+    """Batches over held-out samples grouped by bucket (fixed, seeded subset when capped)."""
+    index = DatasetIndex(url)
+    refs = index.shards(resolution)
+    ids = np.array([(i, r) for i, ref in enumerate(refs) for r in range(ref.samples)], np.int64).reshape(-1, 2)
     if max_samples is not None and max_samples < len(ids):
-        ids = np.sort(np.random.default_rng(seed).choice(ids, max_samples, replace=False))
-    schedule: list[np.ndarray] = []
-    for hw in sorted({tuple(g) for g in table.grid[ids].tolist()}):
-        group = ids[(table.grid[ids, 0] == hw[0]) & (table.grid[ids, 1] == hw[1])]
-        schedule += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
-    reader = BatchReader(url, table, schedule, rank=0, world=1, cond=cond, vocab_size=vocab_size,
-                         max_text_len=max_text_len)
-    return reader, len(ids)
+        pick = np.sort(np.random.default_rng(seed).choice(len(ids), max_samples, replace=False))
+        ids = ids[pick]
+    batches: list[list[tuple[int, int]]] = []
+    for hw in sorted({ref.grid for ref in refs}):
+        group = [(int(a), int(b)) for a, b in ids if refs[a].grid == hw]
+        batches += [group[i:i + batch_size] for i in range(0, len(group), batch_size)]
+    reader = PieceReader(url, refs, resolution, cond, vocab_size=vocab_size, max_text_len=max_text_len,
+                         storage=index.storage)
+    return EvalBatches(reader, batches), len(ids)
 
 
 @torch.no_grad()
@@ -93,10 +126,8 @@ def token_nll(model: torch.nn.Module, url: str, resolution: int, plans: list[Rec
     return out
 
 
-def _typical_grid(reader: BatchReader) -> tuple[int, int]:
-    grids, counts = np.unique(reader.table.grid, axis=0, return_counts=True)
-    h, w = grids[int(np.argmax(counts))]
-    return int(h), int(w)
+def _typical_grid(reader: EvalBatches) -> tuple[int, int]:
+    return reader.typical_grid()
 
 
 def format_nll_table(results: list[NLLResult], resolution: int) -> str:

@@ -135,8 +135,17 @@ class CheckpointSection(StrictModel):
     keep_last: int = Field(3, ge=1, description="keep the newest K complete checkpoints")
     keep_stage_ends: bool = Field(True, description="never prune the checkpoint that ends a stage")
     allow_world_size_change: bool = Field(
-        False, description="resume a checkpoint written by a different number of ranks: weights, EMA and "
-        "LR schedule are restored, AdamW moments restart, data continues at the next epoch")
+        True, description="resume a checkpoint written by a different number of ranks (ZeRO 0-2): the "
+        "optimizer state is resharded through a DeepSpeed universal checkpoint (converted once, kept under "
+        "CHECKPOINT_DIR/universal/), weights, EMA, LR schedule and data position carry over; false = refuse")
+    elastic_grad_accum: bool = Field(
+        True, description="on a resume with another world size, set the stage's grad_accum to keep the "
+        "checkpoint's global batch (grad_accum x world micro-batches) when it divides evenly, so the same "
+        "global batches continue; false = use the config's grad_accum (the global batch changes, logged)")
+    lease_stale_s: float = Field(
+        60.0, gt=0, description="a run directory's lease (RUN_DIR/lease.json, one job writes a run directory) "
+        "whose heartbeat is older than this is stale and may be taken over; a holder on this host whose "
+        "process is gone is stale at once")
     mirror_url: str | None = Field(None, description="also upload each complete checkpoint here "
                                    "(s3://bucket/prefix or a dir); --resume auto downloads from it "
                                    "when no local checkpoint is good")

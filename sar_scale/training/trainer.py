@@ -1,9 +1,11 @@
 """The SAR trainer: DeepSpeed ZeRO engine per curriculum stage, exact resume, MLflow on rank 0.
 
-One optimizer step = ``grad_accum`` micro-batches; every micro-batch is one bucket (the same on all
-ranks). Randomness that shapes a step (the SetPlan drawn, condition dropout, any dropout in the
-model) is seeded from (seed, stage, step, micro, rank), so a resumed run repeats it exactly; RNG
-states are checkpointed as well.
+One optimizer step = one global batch of ``grad_accum x world`` micro-batches ("slots"), all of one
+bucket. Randomness that shapes a step (the SetPlan drawn, condition dropout, any dropout in the
+model) is seeded from (seed, stage, step, slot), so a resumed run repeats it exactly, and so does a
+run on another world size with the same global batch (2 ranks x 2 micro-batches = 1 rank x 4).
+Resume planning is :func:`sar_scale.training.resume.plan_resume`; a resume on another world size
+reshards the optimizer through a DeepSpeed universal checkpoint.
 
 Stage switch (Lumina-style): the stage-end checkpoint is written, a fresh model is loaded with its
 consolidated fp32 weights, and a new engine/optimizer/schedule starts (``optimizer_state: keep``
@@ -27,6 +29,7 @@ from typing import Any
 
 import torch
 
+from sar_scale.checkpoint.lease import RunDirBusy, RunLease
 from sar_scale.checkpoint.manager import (
     EMA_FILE,
     CheckpointManager,
@@ -41,7 +44,9 @@ from sar_scale.distributed import comm, faults
 from sar_scale.distributed.ds_config import deepspeed_config, resolve_precision
 from sar_scale.distributed.env import DistEnv, set_cpu_threads
 from sar_scale.distributed.init import destroy_distributed, init_distributed, resolve_device
+from sar_scale.distributed.lifeline import die_with_parent
 from sar_scale.training.config import TrainConfig
+from sar_scale.training.resume import StageShape, plan_resume
 from sar_scale.training.tracking import Tracker
 from sar_scale.utils.atomic import atomic_write
 from sar_scale.utils.redact import collect_secret_values, install_log_filter, redact_obj
@@ -136,6 +141,7 @@ class Trainer:
         self.resume = resume
         self.ds_override = ds_override
         self.run_dir = Path(cfg.run_dir)
+        self.lease: RunLease | None = None
         self.secrets = collect_secret_values(cfg.model_dump()) + collect_secret_values(ds_override or {})
 
     # ------------------------------------------------------------------ setup helpers
@@ -236,9 +242,16 @@ class Trainer:
 
         cfg = self.cfg
         self.denv = get_dist_env()
+        if self.denv.launcher != "none":
+            die_with_parent()  # no orphan ranks training on when their launcher is killed
         set_cpu_threads(self.denv)
-        self._setup_logging()  # every rank logs to RUN_DIR/logs/rank<r>.log from here on
         self.denv = init_distributed(cfg.deepspeed.backend, cfg.device, cfg.deepspeed.timeout_s)
+        try:
+            self.lease = self._acquire_lease()  # before anything is written to the run directory
+        except BaseException:
+            destroy_distributed()
+            raise
+        self._setup_logging()  # every rank logs to RUN_DIR/logs/rank<r>.log from here on
         self.device = torch.device(resolve_device(cfg.device))
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -262,10 +275,31 @@ class Trainer:
                     pass
             raise
         finally:
+            if self.lease is not None:
+                self.lease.release()
             destroy_distributed()
             logging.getLogger().removeHandler(self._log_handler)
             self._log_handler.close()
         return result
+
+    def _acquire_lease(self) -> RunLease | None:
+        """Collective: rank 0 takes the run directory's lease; every rank raises :class:`RunDirBusy` if
+        another live job holds it (nothing has been written then)."""
+        lease, err = None, ""
+        if self.denv.rank == 0:
+            mirror = None
+            if self.cfg.checkpoint.mirror_url:
+                from sar_scale.data.storage import open_storage
+
+                mirror = open_storage(self.cfg.checkpoint.mirror_url)
+            try:
+                lease = RunLease(self.run_dir, mirror, self.cfg.checkpoint.lease_stale_s).acquire()
+            except RunDirBusy as e:
+                err = str(e)
+        err = comm.broadcast_object(err)
+        if err:
+            raise RunDirBusy(err)
+        return lease
 
     def _run(self) -> TrainResult:
         from sar_scale.models import get_config
@@ -296,32 +330,29 @@ class Trainer:
                                           "device": self.device.type, "run_dir": str(self.run_dir.resolve())})
         self.mlflow_run_id = comm.broadcast_object(run_id)
 
-        # where to start
+        # where to start: a pure function of the checkpoint's state and this job's shape
         stages = cfg.curriculum.stages
-        self.global_step = 0
-        start_stage, start_step, position = 0, 0, DataPosition()
-        init_from: Path | None = None  # weights for a fresh stage start
-        resume_inside: Path | None = None
-        if state is not None:
-            self.global_step = int(state["global_step"])
-            start_stage = int(state["stage"])
-            if start_stage >= len(stages):
-                raise ConfigError(f"checkpoint {resume_path} is at stage {start_stage}, the config has only "
-                                  f"{len(stages)} stages")
-            if state.get("stage_complete") and int(state["step_in_stage"]) >= stages[start_stage].steps:
-                start_stage += 1
-                init_from = resume_path
-            else:
-                start_step = int(state["step_in_stage"])
-                position = DataPosition(**{k: int(state["data"][k]) for k in ("epoch", "step")})
-                resume_inside = resume_path
+        plan = plan_resume(state, str(resume_path) if resume_path is not None else None, denv.world_size,
+                           [StageShape(s.steps, s.grad_accum, s.optimizer_state) for s in stages],
+                           cfg.deepspeed.zero_stage, cfg.checkpoint.allow_world_size_change,
+                           cfg.checkpoint.elastic_grad_accum)
+        if denv.rank == 0:
+            for note in plan.notes:
+                logger.warning(note)
+        self.global_step = plan.global_step
         self.last_loss: float | None = None
         last_ckpt: Path | None = resume_path
-        for si in range(start_stage, len(stages)):
-            last_ckpt = self._run_stage(si, start_step if si == start_stage else 0,
-                                        position if si == start_stage else DataPosition(),
-                                        init_from, resume_inside if si == start_stage else None) or last_ckpt
-            init_from, resume_inside = last_ckpt, None
+        init_from = Path(plan.init_from) if plan.init_from else None
+        for si in range(plan.start_stage, len(stages)):
+            first = si == plan.start_stage
+            restore = plan.optimizer if first else ("same_world" if stages[si].optimizer_state == "keep"
+                                                    else "none")
+            last_ckpt = self._run_stage(
+                si, plan.start_step if first else 0,
+                plan.position if first else DataPosition(0, 0, stages[si].grad_accum * denv.world_size),
+                init_from, Path(plan.resume_from) if first and plan.resume_from else None,
+                plan.grad_accum if first else stages[si].grad_accum, restore) or last_ckpt
+            init_from = last_ckpt
         self.ckpt.close()
         if self.tracker is not None:
             self.tracker.end("FINISHED")
@@ -330,29 +361,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ one stage
     def _run_stage(self, si: int, start_step: int, position: DataPosition, init_from: Path | None,
-                   resume_from: Path | None) -> Path | None:
+                   resume_from: Path | None, grad_accum: int, restore: str) -> Path | None:
+        """Train stage ``si`` from ``start_step``. ``restore`` (from :func:`plan_resume`): how the optimizer
+        state of ``resume_from`` (or of ``init_from`` with optimizer_state=keep) comes back - ``none``,
+        ``same_world`` (DeepSpeed's own files) or ``reshard`` (a universal checkpoint)."""
         import deepspeed
 
         cfg, denv = self.cfg, self.denv
         st = cfg.curriculum.stages[si]
         if start_step >= st.steps:
             return None
-        world_changed = False
-        if resume_from is not None:
-            saved = read_train_state(resume_from)
-            saved_world = int(saved.get("world_size", denv.world_size))
-            if saved_world != denv.world_size:
-                if not cfg.checkpoint.allow_world_size_change:
-                    raise ConfigError(
-                        f"checkpoint {resume_from} was written by {saved_world} ranks, this job has "
-                        f"{denv.world_size}: ZeRO optimizer states are per rank. Resume with {saved_world} ranks, "
-                        "or set checkpoint.allow_world_size_change=true (weights, EMA and LR schedule are "
-                        "kept; AdamW moments restart; data continues at the next epoch)")
-                world_changed = True
-                position = DataPosition(position.epoch + 1, 0)
-                logger.warning("world size %d -> %d: resuming %s with its weights, EMA and LR schedule; AdamW "
-                               "moments restart and data continues at epoch %d", saved_world, denv.world_size,
-                               resume_from, position.epoch)
         url = cfg.stage_data_url(si)
         index = ShardIndex(url, threads=cfg.data.index_threads)
         stream = StageStream(
@@ -361,7 +379,7 @@ class Trainer:
             tokens_per_batch=st.tokens_per_batch, position=position, class_field=cfg.data.class_field,
             max_text_len=self.model_cfg.max_text_len, vocab_size=self.model_cfg.vocab_size,
             num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
-            last_batch=cfg.data.last_batch, index=index)
+            last_batch=cfg.data.last_batch, index=index, grad_accum=grad_accum)
         self.text_encoder = None
         if stream.cond == "text_encoder":
             from sar_scale.tokenizers.text import TextEncoder
@@ -378,18 +396,18 @@ class Trainer:
 
         # model (+ previous stage's weights), optimizer, schedule, engine
         model = self._build_model(si)
-        keep_opt = init_from is not None and st.optimizer_state == "keep" and resume_from is None
-        if keep_opt and int(read_train_state(init_from).get("world_size", denv.world_size)) != denv.world_size:
-            logger.warning("stage %s: optimizer_state=keep needs the same world size as %s; starting with "
-                           "fresh AdamW moments", st.name, init_from)
-            keep_opt = False
-        if init_from is not None and resume_from is None and not keep_opt:
+        src = resume_from or (init_from if restore != "none" else None)  # optimizer state comes from here
+        if init_from is not None and src is None:
             model.load_state_dict(self.load_consolidated(init_from))
             logger.info("stage %s starts from the weights of %s", st.name, init_from)
-        if world_changed:  # zero_to_fp32 reassembles the weights from any number of partitions
-            model.load_state_dict(self.load_consolidated(resume_from))
         mb = stream.nominal_micro_batch()
-        ds_cfg = deepspeed_config(cfg, denv.world_size, si, mb, self.device.type, self.ds_override)
+        ds_cfg = deepspeed_config(cfg, denv.world_size, si, mb, self.device.type, self.ds_override,
+                                  grad_accum=grad_accum)
+        load_dir = src.parent if src is not None else None
+        if src is not None and restore == "reshard" and cfg.deepspeed.zero_stage > 0:
+            # ZeRO partitions are per rank: DeepSpeed's universal format reshards them to this world
+            load_dir = self.ckpt.universal(src)
+            ds_cfg["checkpoint"] = {**ds_cfg.get("checkpoint", {}), "load_universal": True}
         if denv.rank == 0:
             (self.run_dir / f"ds_config.{st.name}.json").write_text(
                 json.dumps(redact_obj(ds_cfg, self.secrets), indent=1))
@@ -410,18 +428,16 @@ class Trainer:
 
             ema = EMA(engine.module, cfg.ema.decay)
 
-        src = (None if world_changed else resume_from) or (init_from if keep_opt else None)
-        if world_changed:
-            for _ in range(start_step):  # the LR schedule continues where it was
-                sched.step()
         if src is not None:
+            assert load_dir is not None
             with restricted_unpickling():  # a tampered checkpoint is refused, never executed
-                engine.load_checkpoint(str(src.parent), tag=src.name, load_optimizer_states=True,
+                engine.load_checkpoint(str(load_dir), tag=src.name, load_optimizer_states=True,
                                        load_lr_scheduler_states=resume_from is not None)
             if resume_from is None:  # kept moments, fresh schedule: re-apply this stage's lr
                 for g, lr in zip(optimizer.param_groups, sched.get_last_lr()):
                     g["lr"] = lr
-            rng = read_rng(src, denv.rank) if resume_from is not None else None
+            # per-rank RNG states only mean something on the same world (every step reseeds anyway)
+            rng = read_rng(src, denv.rank) if resume_from is not None and restore == "same_world" else None
             if rng is not None:
                 set_rng_state(rng)
         ema_src = resume_from or init_from
@@ -430,8 +446,9 @@ class Trainer:
 
             ema.load_full_state_dict(load_file(str(ema_src / EMA_FILE)))
         if resume_from is not None:
-            logger.info("resumed stage %s at step %d/%d, data epoch %d step %d", st.name, start_step, st.steps,
-                        position.epoch, position.step)
+            logger.info("resumed stage %s at step %d/%d, data epoch %d global batch %d (%d micro-batches of "
+                        "which this job does %d per rank)", st.name, start_step, st.steps, position.epoch,
+                        position.batch, stream.slots, grad_accum)
         return self._loop(si, engine, optimizer, sched, stream, ema, start_step)
 
     def _loop(self, si: int, engine, optimizer, sched, stream: StageStream, ema, start_step: int) -> Path | None:
@@ -467,7 +484,9 @@ class Trainer:
                     tw = time.perf_counter()
                     batch = next(it)
                     wait += time.perf_counter() - tw
-                    seed = mix_seed(cfg.seed, si, step_in_stage, micro, denv.rank)
+                    # seeded by the micro-batch's slot in the global batch, not by (rank, micro): the same
+                    # plans, dropout and condition drops for the same samples on any world size
+                    seed = mix_seed(cfg.seed, si, step_in_stage, batch["slot"])
                     torch.manual_seed(seed)
                     gen = torch.Generator().manual_seed(seed)
                     tokens_BN = batch["tokens"].to(self.device, non_blocking=True)
@@ -493,7 +512,8 @@ class Trainer:
                     if order_file is not None:
                         order_file.write(json.dumps({"global_step": self.global_step + 1, "stage": si,
                                                      "micro": micro, "epoch": batch["epoch"],
-                                                     "pos": batch["step"], "keys": batch["keys"]}) + "\n")
+                                                     "batch": batch["batch"], "slot": batch["slot"],
+                                                     "keys": batch["keys"], "time": time.time()}) + "\n")
                 if ema is not None and (self.global_step + 1) % cfg.ema.every == 0:
                     ema.update()
                 self.global_step += 1
@@ -562,11 +582,21 @@ class Trainer:
             "step_in_stage": step_in_stage, "stage_complete": stage_end,
             "data": {**position.as_dict(), "resolution": st.resolution, "world_size": denv.world_size,
                      "seed": cfg.seed},
+            "grad_accum": engine.gradient_accumulation_steps(),
             "world_size": denv.world_size, "zero_stage": cfg.deepspeed.zero_stage, "precision": self.precision,
             "mlflow_run_id": self.mlflow_run_id, "last_loss": self.last_loss,
             "config": self._resolved_config(),
             "versions": _versions(),
         }
+        lost = ""  # never write checkpoints into a run directory another job took over (collective)
+        if self.lease is not None:
+            try:
+                self.lease.check()
+            except RunDirBusy as e:
+                lost = str(e)
+        lost = comm.broadcast_object(lost)
+        if lost:
+            raise RunDirBusy(lost)
         ema_sd = ema.full_state_dict() if ema is not None else None
         path = self.ckpt.save(engine, self.global_step, train_state, ema_sd)
         if self.tracker is not None:
@@ -600,7 +630,7 @@ class Trainer:
             else:
                 model = engine.module
             reader = stream.reader(0)
-            reader.rank, reader.world = 0, 1  # the whole first global batch, read by rank 0 alone
+            reader.rank, reader.world, reader.grad_accum = 0, 1, 1  # the whole first global batch, rank 0 alone
             batch = reader[0]
             k = min(cfg.mlflow.sample_count, len(batch["keys"]))
             batch = _slice_batch(batch, k)

@@ -95,6 +95,22 @@ def data_order(run_dir: Path, rank: int) -> dict[tuple[int, int], list[str]]:
     return out
 
 
+def keys_per_step(run_dir: Path) -> dict[int, list[str]]:
+    """The union of the sample keys of each global step over all ranks (any world size), sorted; a step
+    re-run after a resume counts once (its newest records, per global slot)."""
+    recs: dict[tuple[int, int], tuple[float, list[str]]] = {}
+    for path in (run_dir / "data_order").glob("rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            r = json.loads(line)
+            k = (r["global_step"], r["slot"])
+            if k not in recs or r["time"] >= recs[k][0]:
+                recs[k] = (r["time"], r["keys"])
+    out: dict[int, list[str]] = {}
+    for (step, _), (_, keys) in recs.items():
+        out.setdefault(step, []).extend(keys)
+    return {s: sorted(v) for s, v in sorted(out.items())}
+
+
 def _zero_sweep(cfg_json: str, ports: str) -> int:
     from sar_scale.config import load_config
     from sar_scale.training.config import TrainConfig

@@ -106,10 +106,39 @@ def test_stream_resume_continues_exactly_across_epochs(shards, workers):
     first = StageStream(**kw, num_workers=workers)
     head = _take(first, 4)
     pos = first.position
-    assert pos == DataPosition(0, 4)
+    assert pos == DataPosition(0, 4, 2)  # 4 global batches of 2 slots (world 2 x grad_accum 1)
     resumed = StageStream(**kw, num_workers=workers, position=pos, index=first.index)
     assert head + _take(resumed, n - 4) == reference
     assert resumed.position.epoch == 1  # second epoch reached
+
+
+def test_global_batches_do_not_depend_on_the_world_size(shards):
+    """2 ranks x 2 micro-batches and 1 rank x 4 read the same samples in the same global slots, and a
+    position saved by one continues on the other."""
+    kw = dict(url=shards, resolution=64, seed=5, stage=0, cond="class", micro_batch=2, num_workers=0)
+
+    def slots_of(streams, n_batches):
+        out = {}
+        its = [iter(s) for s in streams]
+        for _ in range(n_batches * streams[0].grad_accum):
+            for it in its:
+                b = next(it)
+                out[(b["epoch"], b["batch"], b["slot"])] = b["keys"]
+        return out
+
+    two = [StageStream(**kw, rank=r, world=2, grad_accum=2) for r in range(2)]
+    one = [StageStream(**kw, rank=0, world=1, grad_accum=4)]
+    a, b = slots_of(two, 3), slots_of(one, 3)
+    assert a == b and len(a) == 12
+    assert two[0].position == one[0].position == DataPosition(0, 3, 4)
+    # 2 -> 1 rank mid-epoch: the single rank continues with global batch 3
+    resumed = StageStream(**kw, rank=0, world=1, grad_accum=4, position=two[0].position)
+    cont = slots_of([resumed], 2)
+    full = slots_of([StageStream(**kw, rank=0, world=1, grad_accum=4)], 5)
+    assert cont == {k: v for k, v in full.items() if k[1] >= 3}
+    # a changed global batch re-counts the position (about the same samples consumed)
+    assert DataPosition(0, 3, 4).rescaled(2) == DataPosition(0, 6, 2)
+    assert DataPosition(0, 3, 4).rescaled(8) == DataPosition(0, 1, 8)
 
 
 def test_clear_errors_for_bad_data(shards, tmp_path):
