@@ -26,6 +26,7 @@ import threading
 logger = logging.getLogger(__name__)
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+_armed_for: int | None = None  # the parent pid already watched (several Trainer.run in one process)
 
 
 def _prctl_pdeathsig(sig: int) -> bool:
@@ -40,7 +41,11 @@ def _prctl_pdeathsig(sig: int) -> bool:
 
 def die_with_parent(poll_s: float = 0.5, sig: int = signal.SIGKILL) -> int:
     """Make this process exit (``sig``) when its parent process dies; returns the parent pid watched."""
+    global _armed_for
     ppid = os.getppid()
+    if _armed_for == ppid:
+        return ppid
+    _armed_for = ppid
     armed = _prctl_pdeathsig(sig)
     if os.getppid() != ppid:  # parent died between the two getppid calls
         os.kill(os.getpid(), sig)

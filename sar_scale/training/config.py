@@ -36,12 +36,20 @@ class DataSection(StrictModel):
         "has them, else the encoder")
     text_encoder: str | None = Field(None, description="local TextEncoder directory (cond=text_encoder)")
     class_field: str = Field("extra.class_id", description="dotted path of the class id in the sample json")
-    num_workers: int = Field(1, ge=0, description="DataLoader worker processes per rank (0 = in-process)")
-    prefetch_factor: int = Field(2, ge=1, description="batches prefetched per worker")
+    num_workers: int = Field(4, ge=0, description="threads per rank fetching shard pieces concurrently "
+                             "(0 = fetch in the training thread, no read-ahead)")
+    prefetch_factor: int = Field(2, ge=1, description="micro-batches assembled ahead by a background thread")
+    window: int = Field(4, ge=1, description="shuffle window: samples are shuffled within windows of this "
+                        "many consecutive shards (pieces) of a rank's lane; bigger = more random, more open")
+    prefetch_shards: int = Field(4, ge=0, description="pieces (usually whole shards) fetched ahead of the "
+                                 "windows in use; with a window of W a rank holds about W + this many")
+    cache_dir: str | None = Field(None, description="local disk cache of fetched shard pieces (per rank "
+                                  "subfolder), reused by later epochs and restarts; off when unset")
+    cache_bytes: int = Field(0, ge=0, description="size bound of cache_dir per rank (least recently used "
+                             "pieces evicted; 0 = no cache)")
     last_batch: Literal["wrap", "drop"] = Field(
         "wrap", description="a bucket's last partial global batch: fill it from the start of the "
         "bucket's shuffled order (every sample seen each epoch) or drop it")
-    index_threads: int = Field(8, ge=1, description="threads reading per-shard stats.json at start")
 
 
 class OptimSection(StrictModel):

@@ -39,7 +39,7 @@ from sar_scale.checkpoint.manager import (
 )
 from sar_scale.checkpoint.safe_load import restricted_unpickling
 from sar_scale.config import ConfigError
-from sar_scale.data.loader import DataPosition, ShardIndex, StageStream
+from sar_scale.data.loader import DataPosition, DatasetIndex, StageStream
 from sar_scale.distributed import comm, faults
 from sar_scale.distributed.ds_config import deepspeed_config, resolve_precision
 from sar_scale.distributed.env import DistEnv, set_cpu_threads
@@ -372,14 +372,15 @@ class Trainer:
         if start_step >= st.steps:
             return None
         url = cfg.stage_data_url(si)
-        index = ShardIndex(url, threads=cfg.data.index_threads)
+        index = DatasetIndex(url)  # the manifest only: O(shards)
         stream = StageStream(
             url, st.resolution, denv.rank, denv.world_size, cfg.seed, si,
             cond=self._cond_mode(index.text_features), micro_batch=st.micro_batch,
             tokens_per_batch=st.tokens_per_batch, position=position, class_field=cfg.data.class_field,
             max_text_len=self.model_cfg.max_text_len, vocab_size=self.model_cfg.vocab_size,
             num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
-            last_batch=cfg.data.last_batch, index=index, grad_accum=grad_accum)
+            last_batch=cfg.data.last_batch, index=index, grad_accum=grad_accum, window=cfg.data.window,
+            prefetch_shards=cfg.data.prefetch_shards, cache_dir=cfg.data.cache_dir, cache_bytes=cfg.data.cache_bytes)
         self.text_encoder = None
         if stream.cond == "text_encoder":
             from sar_scale.tokenizers.text import TextEncoder
@@ -629,9 +630,7 @@ class Trainer:
                 model.load_state_dict({k: v.float() for k, v in full_sd.items()})
             else:
                 model = engine.module
-            reader = stream.reader(0)
-            reader.rank, reader.world, reader.grad_accum = 0, 1, 1  # the whole first global batch, rank 0 alone
-            batch = reader[0]
+            batch = stream.global_batch(0, 0)  # the whole first global batch, read by rank 0 alone
             k = min(cfg.mlflow.sample_count, len(batch["keys"]))
             batch = _slice_batch(batch, k)
             cond = self._condition(batch, Condition)

@@ -108,7 +108,7 @@ def test_permanent_outage_ends_each_client_path_with_a_clear_error(s3_server, tm
     CLI is run against an outage with the defaults in test_pipeline_faults.py)."""
     from pipelines.writer import write_shard
     from sar_scale.checkpoint.manager import CheckpointManager
-    from sar_scale.data.loader import ShardIndex
+    from sar_scale.data.loader import DatasetIndex
 
     ATTEMPTS = 4
     bucket = s3_server.make_bucket("flt-outage")
@@ -124,7 +124,7 @@ def test_permanent_outage_ends_each_client_path_with_a_clear_error(s3_server, tm
         write_shard(st, "d", 0, [], [64], str(tmp_path), {})
 
     def loader_read(ep: str):
-        ShardIndex(f"s3://{bucket}/shards", storage=S3Storage(f"s3://{bucket}/shards", endpoint_url=ep,
+        DatasetIndex(f"s3://{bucket}/shards", storage=S3Storage(f"s3://{bucket}/shards", endpoint_url=ep,
                                                                 max_attempts=ATTEMPTS))
 
     def checkpoint_upload(ep: str):
