@@ -18,11 +18,16 @@ import sys
 import time
 from pathlib import Path
 
+from sar_scale.distributed.lifeline import set_parent_death_signal
 from sar_scale.utils.atomic import atomic_write_json
 from sar_scale.utils.cpus import usable_cpus
 from sar_scale.utils.net import free_port
 
 GRACE_S = 10.0
+
+
+def _stop_with_parent() -> None:
+    set_parent_death_signal(signal.SIGTERM)  # runs in the child between fork and exec; Linux only, else a no-op
 
 
 def run(job_dir: Path) -> int:
@@ -51,8 +56,11 @@ def run(job_dir: Path) -> int:
         argv = [a.replace("{rdzv_port}", port) for a in node["argv"]]
         log = open(job_dir / node["log"], "ab")  # noqa: SIM115 - closed below
         logs.append(log)
+        # a node process (torchrun agent) is stopped when this supervisor dies, and its ranks die with
+        # it (sar_scale.distributed.lifeline): a killed job leaves no orphans writing its run directory
         procs.append(subprocess.Popen(argv, cwd=plan["workdir"], env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL))
+                                      stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      preexec_fn=_stop_with_parent))
         print(f"node {i}: pid {procs[-1].pid}: {' '.join(argv)}", flush=True)
     state = {"state": "RUNNING", "pid": os.getpid(), "started_at": time.time(), "rdzv_port": int(port),
              "nodes": [{"pid": p.pid, "log": n["log"]} for p, n in zip(procs, plan["nodes"])]}

@@ -29,13 +29,25 @@ PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _armed_for: int | None = None  # the parent pid already watched (several Trainer.run in one process)
 
 
-def _prctl_pdeathsig(sig: int) -> bool:
+def _load_libc():
     if not sys.platform.startswith("linux"):
+        return None
+    try:  # loaded at import: safe to call later between fork and exec (no lookups, no allocation)
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+_LIBC = _load_libc()
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Ask the kernel to send ``sig`` to this process when its parent dies (Linux); False elsewhere."""
+    if _LIBC is None:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
+        return _LIBC.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except AttributeError:
         return False
 
 
@@ -46,7 +58,7 @@ def die_with_parent(poll_s: float = 0.5, sig: int = signal.SIGKILL) -> int:
     if _armed_for == ppid:
         return ppid
     _armed_for = ppid
-    armed = _prctl_pdeathsig(sig)
+    armed = set_parent_death_signal(sig)
     if os.getppid() != ppid:  # parent died between the two getppid calls
         os.kill(os.getpid(), sig)
 
@@ -62,4 +74,4 @@ def die_with_parent(poll_s: float = 0.5, sig: int = signal.SIGKILL) -> int:
     return ppid
 
 
-__all__ = ["die_with_parent"]
+__all__ = ["die_with_parent", "set_parent_death_signal"]
