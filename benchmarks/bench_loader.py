@@ -287,8 +287,8 @@ def part_train(a, tmp: Path) -> dict:
 
     from sar_scale.data.storage import S3Storage  # noqa: F401
     from sar_scale.training.debug_data import write_debug_shards
+    from sar_scale.utils.net import free_port
     from sar_scale.utils.s3_fault_proxy import FaultConfig, S3FaultProxy
-    from tests.conftest import free_port
 
     srv = _moto(tmp)
     try:

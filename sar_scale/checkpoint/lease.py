@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sar_scale.config import ConfigError
+from sar_scale.utils.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -104,9 +105,7 @@ class RunLease:
                 return None
 
     def _write_local(self) -> None:
-        tmp = self.path.with_name(f".{LEASE}.tmp-{os.getpid()}")
-        tmp.write_bytes(self._record())
-        os.replace(tmp, self.path)
+        atomic_write(self.path, self._record(), fsync=False)  # a heartbeat: no fsync per beat
 
     def _acquire_local(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,7 @@ import torch
 
 from sar_scale.data import schema
 from sar_scale.data.storage import Storage, open_storage
+from sar_scale.utils.atomic import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -325,10 +326,7 @@ class DiskCache:
     def put(self, name: str, data: bytes) -> None:
         if len(data) > self.max_bytes:
             return
-        p = self._path(name)
-        tmp = p.with_name(f".{p.name}.{os.getpid()}.{threading.get_ident()}")
-        tmp.write_bytes(data)
-        os.replace(tmp, p)
+        atomic_write(self._path(name), data, fsync=False)  # a cache: a lost file is fetched again
         self._evict()
 
     def _evict(self) -> None:

@@ -14,10 +14,10 @@ import pytest
 import yaml
 
 from sar_scale.training.debug_data import write_debug_shards
+from sar_scale.utils.net import free_port
 from tests.integration.test_train_distributed import base_config
 from tests.integration.train_launch import (
     REPO,
-    free_port,
     keys_per_step,
     logs,
     metrics,

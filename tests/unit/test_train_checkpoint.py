@@ -110,7 +110,9 @@ def test_curriculum_run_outputs(run_a):
     st4 = read_train_state(run_dir / "checkpoints" / "step00000004")
     assert st4["stage_complete"] and st4["stage_name"] == "s64"
     st6 = read_train_state(run_dir / "checkpoints" / "step00000006")
-    assert (st6["stage"], st6["step_in_stage"], st6["data"]["epoch"], st6["data"]["step"]) == (1, 2, 0, 2)
+    # data position: global batches consumed, counted in global batches of 1 micro-batch (1 rank x 1)
+    assert (st6["stage"], st6["step_in_stage"], st6["data"]["epoch"], st6["data"]["batch"],
+            st6["data"]["slots"]) == (1, 2, 0, 2, 1)
     assert (run_dir / "checkpoints" / "latest").read_text() == "step00000008"
     for f in ("config.yaml", "ds_config.s64.json", "ds_config.s128.json", "status/rank0.json"):
         assert (run_dir / f).is_file()
