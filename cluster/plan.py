@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sar-scale plan", description=__doc__.split("\n\n")[0] + "\n\n" + __doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="TrainConfig YAML, or a directory of stage configs (configs/t2i_900m/)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="config overrides, e.g. model.name=fmt-xl (as `sar-scale train` takes them)")
     p.add_argument("--profile", help="cluster profile: its resources give the default nodes/GPUs")
     p.add_argument("--nodes", type=int, help="nodes (default: the profile's, else 1)")
     p.add_argument("--gpus-per-node", type=int, help="GPUs per node (default: the profile's, else 8)")
@@ -76,7 +78,7 @@ def main(argv: list[str]) -> int:
         res = load_profile(args.profile).resources if args.profile else None
         args.nodes = args.nodes or (res.nodes if res else 1)
         args.gpus_per_node = args.gpus_per_node or (res.gpus_per_node if res and res.gpus_per_node else 8)
-        cfgs = load_for_plan(args.config)
+        cfgs = load_for_plan(args.config, args.overrides)
         shape, plans = plan_stages(cfgs, args.nodes, args.gpus_per_node, args.mfu, args.peak_tflops,
                                    args.gpu_mem_gib, args.downsample)
     except (ConfigError, ValueError) as e:

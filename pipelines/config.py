@@ -14,8 +14,10 @@ from sar_scale.config import StrictModel
 class InputConfig(StrictModel):
     """Where the raw image-text pairs are."""
 
-    kind: Literal["folder", "manifest", "webdataset"] = "folder"
-    """folder: images + same-stem .txt (recursive); manifest: JSONL/Parquet rows; webdataset: tars."""
+    kind: Literal["folder", "manifest", "webdataset", "imagefolder"] = "folder"
+    """folder: images + same-stem .txt (recursive); manifest: JSONL/Parquet rows; webdataset: tars;
+    imagefolder: class-conditional ``root/<class_name>/<image>`` (ImageNet train layout), the class
+    name as caption and ``extra.class_id`` in each sample's json, ``classes.json`` in the output."""
     path: str = ""
     """Folder (local or s3://bucket/prefix), manifest file (.jsonl/.parquet, local or s3://), or tars: a
     directory/prefix holding *.tar, one .tar, or a brace pattern like data-{000000..000009}.tar."""
@@ -26,6 +28,14 @@ class InputConfig(StrictModel):
     """Manifest column with the caption."""
     id_column: str | None = None
     """Manifest column with a unique source id (default: the image path)."""
+    class_map: str | None = None
+    """imagefolder: a class-id mapping file, JSON ``{"class_name": id}`` or text with one class name per
+    line (id = line number from 0); folders not in it are rejected (unknown_class). Default: ids from the
+    sorted class folder names."""
+    flip: bool = False
+    """imagefolder: also tokenize a horizontally flipped copy of every image as an extra sample
+    (``<id>#flip``, ``extra.flip``), as LlamaGen/MAR pre-tokenize flips. Off for data where left/right
+    is part of the label (shapes positions)."""
     files_per_unit: int = Field(256, ge=1)
     """Inputs per scan task (folder/manifest); one task per tar for webdataset inputs."""
 
@@ -166,6 +176,8 @@ class PrepareConfig(StrictModel):
     def _check(self) -> PrepareConfig:
         if not self.input.path:
             raise ValueError("input.path is required (a folder, manifest file or tar location)")
+        if self.input.kind != "imagefolder" and (self.input.class_map or self.input.flip):
+            raise ValueError("input.class_map and input.flip apply to input.kind: imagefolder only")
         return self
 
     def content_hash(self) -> str:

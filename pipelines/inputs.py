@@ -76,6 +76,9 @@ def enumerate_inputs(cfg: InputConfig) -> tuple[list[dict[str, Any]], list[dict[
     if cfg.kind == "folder":
         records, rejects = _folder_records(cfg)
         return [{"kind": "records", "records": c} for c in _chunks(records, cfg.files_per_unit)], rejects
+    if cfg.kind == "imagefolder":
+        records, rejects = _imagefolder_records(cfg)
+        return [{"kind": "records", "records": c} for c in _chunks(records, cfg.files_per_unit)], rejects
     if cfg.kind == "manifest":
         records, rejects = _manifest_records(cfg)
         return [{"kind": "records", "records": c} for c in _chunks(records, cfg.files_per_unit)], rejects
@@ -111,6 +114,73 @@ def _folder_records(cfg: InputConfig) -> tuple[list[dict[str, Any]], list[dict[s
                             "caption": None, "extra": None})
     if ignored:
         logger.info("input folder: ignored %d files that are neither images nor captions", ignored)
+    return records, rejects
+
+
+def _read_class_map(path: str) -> dict[str, int]:
+    root, key = _split_url(path)
+    try:
+        text = storage_for(root).get_bytes(key).decode("utf-8")
+    except StorageNotFound:
+        raise ValueError(f"input.class_map: not found: {path}") from None
+    if text.lstrip().startswith("{"):
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"input.class_map {path}: invalid JSON ({e})") from None
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in raw.values()):
+            raise ValueError(f"input.class_map {path}: ids must be integers >= 0")
+        mapping = {str(k): v for k, v in raw.items()}
+    else:
+        names = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        mapping = {n: i for i, n in enumerate(names)}
+        if len(mapping) != len(names):
+            raise ValueError(f"input.class_map {path}: a class name is listed twice")
+    if len(set(mapping.values())) != len(mapping):
+        raise ValueError(f"input.class_map {path}: two classes share an id")
+    if not mapping:
+        raise ValueError(f"input.class_map {path}: no classes")
+    return mapping
+
+
+def class_index(cfg: InputConfig) -> dict[str, int]:
+    """Class name -> id of an imagefolder input: the mapping file, else the sorted class folder names."""
+    if cfg.class_map:
+        return _read_class_map(cfg.class_map)
+    names = sorted({k.split("/", 1)[0] for k in _input_root(cfg.path).list() if "/" in k
+                    and posixpath.splitext(k)[1].lower() in IMAGE_EXTS})
+    if not names:
+        raise ValueError(f"input.path: no class folders with images under {cfg.path} "
+                         "(imagefolder expects root/<class_name>/<image>)")
+    return {n: i for i, n in enumerate(names)}
+
+
+def _imagefolder_records(cfg: InputConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """``root/<class>/<image>``: caption = class name, ``extra.class_id``; optional flip copies."""
+    st = _input_root(cfg.path)
+    classes = class_index(cfg)
+    records, rejects = [], []
+    for key in sorted(st.list()):
+        ext = posixpath.splitext(key)[1].lower()
+        if ext in (CAPTION_EXT, ".json") or posixpath.basename(key).startswith("."):
+            continue  # side files (labels, READMEs) are not samples
+        if ext not in IMAGE_EXTS:
+            rejects.append({"source_id": key, "reason": "unsupported_format", "detail": f"extension {ext or '(none)'}"})
+            continue
+        if "/" not in key:
+            rejects.append({"source_id": key, "reason": "class_missing",
+                            "detail": "image at the root; imagefolder expects root/<class_name>/<image>"})
+            continue
+        name = key.split("/", 1)[0]
+        if name not in classes:
+            rejects.append({"source_id": key, "reason": "unknown_class", "detail": f"{name!r} is not in input.class_map"})
+            continue
+        extra = {"class_id": classes[name], "class_name": name}
+        ref = {"root": st.root, "key": key}
+        records.append({"source_id": key, "img": ref, "cap": None, "caption": name, "extra": extra})
+        if cfg.flip:
+            records.append({"source_id": key + "#flip", "img": {**ref, "flip": True}, "cap": None, "caption": name,
+                            "extra": {**extra, "flip": True}})
     return records, rejects
 
 

@@ -337,6 +337,12 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
                "rejects": dict(sorted(reject_counts.items())),
                "config": json.loads(cfg.model_dump_json(exclude={"ray"}))})
     schema.write_rejects(storage, rejects)
+    if cfg.input.kind == "imagefolder":  # class id -> name for samplers, evaluators and `generate --class-id`
+        from pipelines.inputs import class_index
+
+        classes = class_index(cfg.input)
+        storage.put_bytes(json.dumps({"num_classes": max(classes.values()) + 1, "classes": classes},
+                                     indent=1).encode(), "classes.json")
     schema.write_manifest(storage, man)
     n_written = sum(s["samples"] for s in written.values())
     return {"output": storage.url(), "inputs": n_inputs, "samples": man["samples"],

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from pipelines.config import PrepareConfig
 from pipelines.inputs import read_ref, scan_tar
@@ -39,11 +39,16 @@ def _raw_caption(rec: dict[str, Any]) -> bytes | str | None:
     return rec.get("caption")
 
 
+def _flipped(img: Image.Image, ref: dict[str, Any]) -> Image.Image:
+    """The horizontal-flip copy of an imagefolder input (``input.flip``) is the same file, mirrored."""
+    return ImageOps.mirror(img) if ref.get("flip") else img
+
+
 def scan_record(rec: dict[str, Any], cfg: PrepareConfig) -> dict[str, Any]:
     """Validate one record; returns a candidate row (small, no pixels) or raises :class:`Reject`."""
     caption = clean_caption(_raw_caption(rec), cfg.filters)
     data = rec["img_bytes"] if "img_bytes" in rec else read_ref(rec["img"])
-    img = decode_image(data, cfg.decode)
+    img = _flipped(decode_image(data, cfg.decode), rec["img"])
     check_image(img, cfg.filters)
     return {"source_id": rec["source_id"], "img": rec["img"], "caption": caption, "extra": rec.get("extra"),
             "w": img.size[0], "h": img.size[1],
@@ -94,7 +99,8 @@ def load_batch(batch: dict[str, np.ndarray], cfg_json: str, downsample: int) -> 
         reject, detail, w, h, thumb = "", "", 0, 0, b""
         crops: dict[int, tuple[bytes, int, int]] = {r: (b"", 0, 0) for r in table}
         try:
-            img = decode_image(read_ref(json.loads(batch["ref"][i])), cfg.decode)
+            ref = json.loads(batch["ref"][i])
+            img = _flipped(decode_image(read_ref(ref), cfg.decode), ref)
             w, h = img.size
             for r, buckets in table.items():
                 bh, bw = nearest_bucket(w, h, buckets)

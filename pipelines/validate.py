@@ -26,6 +26,7 @@ REASONS = (
     "truncated", "animated", "too_small", "aspect_ratio", "caption_missing", "caption_not_utf8",
     "caption_empty", "caption_too_long", "caption_too_short", "duplicate", "near_duplicate",
     "duplicate_source_id", "low_score", "unsafe_member", "image_missing", "read_error", "corrupt_tar",
+    "class_missing", "unknown_class",
 )
 
 

@@ -115,19 +115,21 @@ def plan_stages(cfg_for_stage: list[tuple[object, str]], nodes: int, gpus_per_no
     return shape, out
 
 
-def load_for_plan(path: str) -> list[tuple[object, str]]:
+def load_for_plan(path: str, overrides: list[str] | None = None) -> list[tuple[object, str]]:
     """Stage i's config: from stage file i for a directory (what a chain runs), else the one file."""
     from sar_scale.config import load_config
     from sar_scale.training.config import TrainConfig
 
     p = Path(path)
     if p.is_dir():
+        if overrides:
+            raise ValueError("key=value overrides apply to one config file, not a directory of stage files")
         from sar_scale.training.curriculum import check_stage_files, stage_files
 
         files = stage_files(p)
         cfgs = check_stage_files(files)
         return [(c, str(f)) for c, f in zip(cfgs, files)]
-    cfg = load_config(TrainConfig, p)
+    cfg = load_config(TrainConfig, p, overrides)
     return [(cfg, str(p))] * len(cfg.curriculum.stages)
 
 

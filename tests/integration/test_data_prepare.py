@@ -272,3 +272,25 @@ def test_manifest_input_with_text_features_and_thumbnails(clean_run, tmp_path):
 
     assert min(Image.open(io.BytesIO(s["jpg"])).size) == 24
     assert schema.read_manifest(open_storage(tmp_path / "out"))["text_features"] is True
+
+
+def test_imagefolder_class_conditional_with_flips(clean_run, tmp_path):
+    """ImageNet-layout class folders: class ids in the sample json, classes.json at the root, flip copies."""
+    root, _, _ = clean_run
+    for cls, seeds in (("b_cat", (301, 302)), ("a_dog", (303,))):
+        (tmp_path / "in" / cls).mkdir(parents=True)
+        for s in seeds:
+            (tmp_path / "in" / cls / f"{s}.png").write_bytes(_png(s))
+    (tmp_path / "in" / "loose.png").write_bytes(_png(304))
+    summary = run(_cfg(root, **{"input.kind": "imagefolder", "input.path": str(tmp_path / "in"), "input.flip": "true",
+                                "output.url": str(tmp_path / "out")}))
+    assert summary["samples"] == 6 and summary["rejects"] == {"class_missing": 1}
+    samples = _read_all(str(tmp_path / "out"))
+    assert set(samples) == {"a_dog/303.png", "a_dog/303.png#flip", "b_cat/301.png", "b_cat/301.png#flip",
+                            "b_cat/302.png", "b_cat/302.png#flip"}
+    meta = json.loads(samples["b_cat/302.png#flip"]["json"])
+    assert meta["caption"] == "b_cat" and meta["extra"] == {"class_id": 1, "class_name": "b_cat", "flip": True}
+    a, b = (np.load(io.BytesIO(samples[k]["tokens_32.npy"])) for k in ("b_cat/302.png", "b_cat/302.png#flip"))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    classes = json.loads(open_storage(tmp_path / "out").get_bytes("classes.json"))
+    assert classes == {"num_classes": 2, "classes": {"a_dog": 0, "b_cat": 1}}

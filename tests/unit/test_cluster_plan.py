@@ -132,3 +132,32 @@ def test_plan_table_and_errors(capsys):
     assert "config file not found" in capsys.readouterr().err
     assert plan_main([str(RUN), "--mfu", "1.5"]) == 2
     assert "--mfu" in capsys.readouterr().err
+
+
+def test_c2i_recipe_families_and_sizes(capsys):
+    """configs/c2i: four recipe families over one base; fmt-b/l/xl by override, sized by `sar-scale plan`."""
+    from sar_scale.sar.plan import PlanSampler
+    from sar_scale.training.config import TrainConfig
+
+    c2i = Path(__file__).resolve().parents[2] / "configs" / "c2i"
+    plans = {}
+    for fam in ("ar-raster", "sar-ts", "mar-like", "fixed-random"):
+        c = load_config(TrainConfig, c2i / f"{fam}.yaml")
+        assert c.model.name == "fmt-b" and c.model.overrides["cond"] == "class" and c.ema.enabled
+        assert (c.optim.lr, c.optim.weight_decay, c.optim.betas, c.optim.grad_clip) == (1e-4, 0.05, (0.9, 0.95), 1.0)
+        assert c.model.overrides["cond_dropout"] == 0.1 and c.data.class_field == "extra.class_id"
+        PlanSampler(c.plan)  # a drawable recipe
+        plans[fam] = (tuple(c.plan.orders), tuple(c.plan.intervals), tuple(c.plan.num_sets))
+    assert plans["ar-raster"] == (("raster",), ("ar",), (256,))
+    assert plans["sar-ts"] == (("random",), ("random",), (16,))
+    assert plans["fixed-random"][0] == ("fixed_random",) and plans["mar-like"][1] == ("cosine",)
+    params = {}
+    for size in ("fmt-b", "fmt-l", "fmt-xl"):
+        assert plan_main([str(c2i / "sar-ts.yaml"), f"model.name={size}", "--nodes", "1", "--gpus-per-node", "8",
+                     "--json"]) == 0
+        out = json.loads(capsys.readouterr().out)
+        params[size] = out["model"]["params"]
+        st = out["stages"][0]
+        assert st["global_batch"] == 256 and st["tokens_per_image"] == 256 and st["fits"]
+    assert params["fmt-b"] < params["fmt-l"] < params["fmt-xl"]
+    assert plan_main([str(c2i), "model.name=fmt-l"]) == 2  # overrides need one file
