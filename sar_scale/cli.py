@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("sar_scale.export.generate_cli", "sample images from an exported model"),
     "edit": ("sar_scale.export.edit_cli", "inpaint/outpaint an image with an exported model"),
     "eval": ("sar_scale.eval.cli", "evaluate a model (shapes accuracy, token NLL, FID)"),
+    "sweep": ("sar_scale.sweep", "a grid of training recipes x inference plans x seeds -> FID/accuracy/speed table"),
     "dashboard": ("sar_scale.dashboard", "start the MLflow UI on a tracking store"),
     "submit": ("cluster.cli", "submit a job to local|slurm|ray|k8s"),
     "jobs": ("cluster.jobs_cli", "status|logs|cancel of submitted jobs"),

@@ -146,8 +146,10 @@ def _sample_center(rng: np.random.Generator, position: str, w: int, h: int,
 
 
 def make_image(rng: np.random.Generator, size: int = 160, two_objects: bool = False,
-               aspect: tuple[int, int] | None = None) -> tuple[Image.Image, dict[str, Any]]:
-    """One shapes image and its labels (objects with shape/color/position/bbox/centroid)."""
+               aspect: tuple[int, int] | None = None,
+               attrs: tuple[str, str, str] | None = None) -> tuple[Image.Image, dict[str, Any]]:
+    """One shapes image and its labels (objects with shape/color/position/bbox/centroid);
+    ``attrs`` = (color, shape, position) fixes the single object's class."""
     aw, ah = aspect or ASPECTS[int(rng.integers(len(ASPECTS)))]
     if aw >= ah:
         h, w = size, round(size * aw / ah)
@@ -160,12 +162,18 @@ def make_image(rng: np.random.Generator, size: int = 160, two_objects: bool = Fa
     draw = ImageDraw.Draw(img)
     n_obj = 2 if two_objects else 1
     objects: list[dict[str, Any]] = []
+    if attrs is not None and (two_objects or attrs[0] not in COLORS or attrs[1] not in SHAPES
+                              or attrs[2] not in POSITIONS):
+        raise ValueError(f"attrs must be one (color, shape, position) of {list(COLORS)} x {SHAPES} x {POSITIONS}, "
+                         f"got {attrs}")
     positions = list(rng.choice(len(POSITIONS), size=n_obj, replace=False))
     boxes: list[tuple[float, float, float, float]] = []
     for pi in positions:
         shape = SHAPES[int(rng.integers(len(SHAPES)))]
         color = list(COLORS)[int(rng.integers(len(COLORS)))]
         position = POSITIONS[int(pi)]
+        if attrs is not None:
+            color, shape, position = attrs
         s = min(w, h) * OBJECT_FRACTION * float(rng.uniform(0.9, 1.1))
         for _attempt in range(50):
             cx, cy = _sample_center(rng, position, w, h,
@@ -216,6 +224,34 @@ def write_corrupt(out: Path, index: int, kind: str, rng: np.random.Generator) ->
     (out / f"{stem}.png").write_bytes(data)
     (out / f"{stem}.txt").write_bytes(caption)
     return {"file": f"{stem}.png", "kind": kind}
+
+
+def class_names() -> list[str]:
+    """The 75 (color, shape, position) classes of the class-conditional layout, ``red_circle_left`` ..."""
+    return [f"{c}_{s}_{p}" for c in COLORS for s in SHAPES for p in POSITIONS]
+
+
+def class_attrs(name: str) -> tuple[str, str, str]:
+    color, shape, position = name.split("_")
+    return color, shape, position
+
+
+def generate_classes(out_dir: str | Path, per_class: int, seed: int = 0, size: int = 64,
+                     progress: bool = True) -> dict[str, Any]:
+    """Class-conditional layout (ImageNet train style): ``out/<color>_<shape>_<position>/<i>.png``,
+    ``per_class`` square images per class; image ``i`` of a class depends only on (seed, class, i)."""
+    if per_class < 1:
+        raise ValueError(f"per_class must be >= 1, got {per_class}")
+    if size < 24:
+        raise ValueError(f"size must be >= 24 px, got {size}")
+    out = Path(out_dir)
+    names = class_names()
+    for k, name in enumerate(tqdm(names, desc="shapes classes", unit="class", disable=not progress)):
+        (out / name).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img, _ = make_image(np.random.default_rng([seed, k, i]), size, aspect=(1, 1), attrs=class_attrs(name))
+            img.save(out / name / f"{i:05d}.png", "PNG", compress_level=1)
+    return {"out": str(out), "images": per_class * len(names), "classes": len(names), "corrupt": 0}
 
 
 def generate(out_dir: str | Path, cfg: ShapesConfig, progress: bool = True) -> dict[str, Any]:
@@ -269,9 +305,18 @@ def main(argv: list[str]) -> int:
     p.add_argument("--format", choices=["png", "jpg"], default="png", help="image format (default png)")
     p.add_argument("--corrupt", type=int, default=0,
                    help=f"also write this many broken files (kinds cycle through {', '.join(CORRUPT_KINDS)})")
+    p.add_argument("--classes", action="store_true",
+                   help="class-conditional layout: OUT/<color>_<shape>_<position>/<i>.png (75 classes, square, "
+                        "--n images per class), for `data prepare` with input.kind: imagefolder")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        if a.classes:
+            if a.two_objects or a.corrupt or a.format != "png":
+                raise ValueError("--classes writes one object per image as png, without --corrupt")
+            res = generate_classes(a.out, a.n, a.seed, a.size)
+            print(f"wrote {res['images']} images in {res['classes']} class folders to {res['out']}")
+            return 0
         res = generate(a.out, ShapesConfig(n=a.n, seed=a.seed, size=a.size, two_objects=a.two_objects,
                                            image_format=a.format, corrupt=a.corrupt))
     except ValueError as e:

@@ -36,6 +36,9 @@ class EvalLogger:
         if run_id is None:
             exp = self.client.get_experiment_by_name(experiment)
             exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
+            from sar_scale.training.tracking import mark_training_experiment
+
+            mark_training_experiment(self.client, exp_id)
             run_id = self.client.create_run(exp_id, run_name=run_name, tags=tags or {}).info.run_id
             self.created = True
         elif tags:

@@ -35,6 +35,19 @@ def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# MLflow 3's UI opens an experiment in its GenAI view ("Evaluation runs", traces) unless the experiment's
+# kind says otherwise; "custom_model_development" is the model-training view (runs, charts, compare).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_KIND = "custom_model_development"
+
+
+def mark_training_experiment(client, experiment_id: str) -> None:
+    """Tag an experiment as model training (kept when a user already chose a kind)."""
+    exp = client.get_experiment(experiment_id)
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
+
+
 def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
 
@@ -72,6 +85,10 @@ class Tracker:
             exp_id = mlflow.create_experiment(self.experiment, artifact_location=loc)
         else:
             exp_id = exp.experiment_id
+        try:
+            mark_training_experiment(mlflow.MlflowClient(), exp_id)
+        except Exception as e:  # noqa: BLE001 - a UI nicety must not stop training
+            logger.warning("could not tag the MLflow experiment's kind: %s", redact_text(str(e)))
         run = None
         if run_id:
             try:

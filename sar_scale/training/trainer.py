@@ -131,6 +131,20 @@ def diagnose_peers(run_dir: Path, world: int, me: int) -> str:
     return "; ".join(notes)
 
 
+def default_run_name(cfg: TrainConfig) -> str:
+    """``<run folder>: <model> <recipe> <stages>``, e.g. ``train: demo random-16-cosine s32+s64`` (not
+    MLflow's random names): what a run list needs to tell runs apart."""
+    p = cfg.plan
+
+    def pick(weights: dict[str, float]) -> str:
+        return "+".join(k for k, w in weights.items() if w > 0)
+
+    ks = "+".join(str(k) for k in p.num_sets)
+    recipe = f"{pick(p.orders)}-ar" if set(p.intervals) == {"ar"} else f"{pick(p.orders)}-{ks}-{pick(p.intervals)}"
+    stages = "+".join(s.name for s in cfg.curriculum.stages)
+    return f"{Path(cfg.run_dir).name}: {cfg.model.name} {recipe} {stages}"
+
+
 class Trainer:
     """Runs a whole :class:`TrainConfig` on this process's rank. Construct and call :meth:`run`."""
 
@@ -323,7 +337,8 @@ class Trainer:
 
         # MLflow: rank 0 only, same run across resumes
         self.tracker = Tracker(denv.rank == 0 and cfg.mlflow.enabled, self.run_dir, cfg.mlflow.tracking_uri,
-                               cfg.mlflow.experiment, cfg.mlflow.run_name, cfg.mlflow.system_metrics)
+                               cfg.mlflow.experiment, cfg.mlflow.run_name or default_run_name(cfg),
+                               cfg.mlflow.system_metrics)
         run_id = self.tracker.start((state or {}).get("mlflow_run_id"), self._resolved_config(),
                                     tags={"world_size": denv.world_size, "launcher": denv.launcher,
                                           "zero_stage": cfg.deepspeed.zero_stage, "precision": self.precision,

@@ -150,6 +150,8 @@ def test_eval_logger_new_run_and_existing_run(tmp_path):
     r = c.get_run(new.run_id)
     assert r.info.status == "FINISHED" and r.data.metrics["eval/shapes/random-16-cosine/all"] == 0.5
     assert r.data.params["eval.seed"] == "0" and r.data.tags["eval.model"] == "m"
+    # the experiment opens in MLflow 3's model-training view, not its GenAI one
+    assert c.get_experiment(r.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     # a finished training run gets the metrics and artifacts and stays FINISHED
     mlflow.set_tracking_uri(uri)
     with mlflow.start_run() as train_run:

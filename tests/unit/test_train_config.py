@@ -209,3 +209,13 @@ def test_tracker_leaves_no_tracking_uri_behind(tmp_path, monkeypatch):
         t.start(None, {})
         t.end()
         assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+def test_default_mlflow_run_name_names_the_recipe_and_stages():
+    from sar_scale.training.trainer import default_run_name
+
+    assert default_run_name(cfg()) == "train: debug random-16-random a+b"
+    c = cfg(**{"plan.orders": "{raster: 1.0}", "plan.intervals": "{ar: 1.0}", "run_dir": "runs/ar-lab"})
+    assert default_run_name(c) == "ar-lab: debug raster-ar a+b"
+    c = cfg(**{"plan.orders": "{random: 1.0, raster: 0.0}", "plan.num_sets": "[8, 16]", "plan.intervals": "{cosine: 1.0}"})
+    assert default_run_name(c).split(": ", 1)[1] == "debug random-8+16-cosine a+b"
