@@ -74,3 +74,24 @@ def test_cli_with_corrupt_files(tmp_path):
     assert (out / "corrupt_0001_zero_bytes.png").stat().st_size == 0
     assert len(list(out.glob("0*.jpg"))) == 4
     assert syn.main(["--out", str(out), "--n", "-1"]) == 2
+
+
+def test_class_folders_for_imagefolder_ingest(tmp_path):
+    """`data synth --classes`: 75 (color, shape, position) class folders whose images the detector reads back."""
+    from sar_scale.eval.detector import detect, score
+
+    assert len(syn.class_names()) == 75 and len(set(syn.class_names())) == 75
+    assert syn.main(["--classes", "--out", str(tmp_path / "c"), "--n", "2", "--size", "64"]) == 0
+    folders = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert folders == sorted(syn.class_names())
+    for name in ("red_circle_left", "blue_triangle_top", "purple_square_center"):
+        files = sorted((tmp_path / "c" / name).glob("*.png"))
+        assert len(files) == 2
+        for f in files:
+            im = Image.open(f)
+            assert im.size == (64, 64)
+            assert score(detect(im), *syn.class_attrs(name))["all"], (name, f)
+    again = tmp_path / "again"
+    syn.generate_classes(again, 2, size=64, progress=False)
+    assert (again / "red_circle_left" / "00001.png").read_bytes() == (tmp_path / "c/red_circle_left/00001.png").read_bytes()
+    assert syn.main(["--classes", "--two-objects", "--out", str(tmp_path / "x")]) == 2
