@@ -109,11 +109,11 @@ class SweepSpec(StrictModel):
     @field_validator("plans")
     @classmethod
     def _plans(cls, v: list[str]) -> list[str]:
-        from sar_scale.eval.plans import parse_plan
+        from sar_scale.sar import Recipe
 
         for p in v:
             if p != "train":
-                parse_plan(p)
+                Recipe.parse(p)
         return v
 
 
@@ -144,22 +144,22 @@ class Run:
 
     def train_plan(self):
         """The recipe's own plan: its most likely order and intervals, its middle K."""
-        from sar_scale.eval.plans import PlanSpec
+        from sar_scale.sar import Recipe
 
         p = self.cfg.plan
         order = max(p.orders, key=p.orders.get)
         intervals = max(p.intervals, key=p.intervals.get)
         if intervals == "ar":
-            return PlanSpec(order, None, "ar")
+            return Recipe(order, None)
         ks = sorted(p.num_sets)
-        return PlanSpec(order, ks[len(ks) // 2], intervals)
+        return Recipe(order, ks[len(ks) // 2], intervals)
 
     def plans(self, names: list[str]):
-        from sar_scale.eval.plans import parse_plan
+        from sar_scale.sar import Recipe
 
         out = []
         for n in names:
-            plan = self.train_plan() if n == "train" else parse_plan(n)
+            plan = self.train_plan() if n == "train" else Recipe.parse(n)
             if plan not in out:
                 out.append(plan)
         return out
@@ -171,7 +171,7 @@ class Run:
                     f"{spec.name}-{self.name}".lower().replace("_", "-").replace(".", "-"), "--wait", "--",
                     "train", self.config, *over]
         if spec.ranks > 1:
-            from sar_scale.distributed.env import free_port
+            from sar_scale.utils.net import free_port
 
             return [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={spec.ranks}",
                     "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "sar_scale.cli", "train",
@@ -320,7 +320,7 @@ class Evaluator:
         logger.info("sweep: %s: sampling %d images with %s", run.name, n, name)
         row: dict[str, Any] = {"run": run.name, "recipe": run.recipe, "seed": run.seed, "plan": name,
                                "train_plan": name == run.train_plan().name(grid),
-                               "steps": grid[0] * grid[1] if plan.is_ar else min(plan.num_sets, grid[0] * grid[1]),
+                               "steps": plan.steps(grid),
                                "resolution": resolution, "n_images": n}
         done = 0
         if self.extractor is not None and self.ref is not None:

@@ -69,7 +69,7 @@ def _training_run(run_dir: Path) -> tuple[str, str]:
     return run_id, "samples/s64_step00000030.png"
 
 
-def _read_url(proc: subprocess.Popen, timeout: float = 120.0) -> tuple[str, str]:
+def _read_url(proc: subprocess.Popen, timeout: float = 300.0) -> tuple[str, str]:
     url = run_url = None
     deadline = time.monotonic() + timeout
     lines = []
