@@ -15,6 +15,8 @@ Parts (``--part``, default all):
   per epoch (counted at the proxy), and the previous reader (one ranged GET per sample) on the same
   data and proxy in the same run; ratio; and the new rate over the ~237 samples/s per GPU that
   ``sar-scale plan configs/t2i_900m/ --profile configs/cluster/h100-slurm.yaml`` gives for stage 1.
+  ``--tokens-only`` drops the text feature: small samples, where latency per request, not bandwidth,
+  bounds the per-sample reader.
 * ``train``: ``sar-scale train`` of the demo-size model, 2 ranks (gloo, CPU), reading text-feature
   shards from that slowed S3: the share of step time spent waiting for data (steps 3+).
 
@@ -175,8 +177,8 @@ def _moto(tmp: Path):
     return srv
 
 
-def write_900m_shape(url: str, endpoint: str, shards: int, per_shard: int, v1: bool) -> None:
-    """Samples of the 900M run's shape: 16x16 int32 tokens + a 120 x 2048 fp16 text feature."""
+def write_900m_shape(url: str, endpoint: str, shards: int, per_shard: int, v1: bool, text: bool = True) -> None:
+    """Samples of the 900M run's shape: 16x16 int32 tokens + a 120 x 2048 fp16 text feature (``text``)."""
     import io
 
     import numpy as np
@@ -192,7 +194,8 @@ def write_900m_shape(url: str, endpoint: str, shards: int, per_shard: int, v1: b
     for i in range(shards):
         samples = sorted((schema.make_sample(f"b/{i}/{j}", f"caption {j}",
                                              {256: rng.integers(0, 16384, (16, 16)).astype(np.int32)}, (256, 256),
-                                             text_features=rng.standard_normal((120, 2048)).astype(np.float16),
+                                             text_features=(rng.standard_normal((120, 2048)).astype(np.float16)
+                                                            if text else None),
                                              extra={"class_id": j % 10}) for j in range(per_shard)),
                          key=lambda s: s["__key__"])
         if v1:
@@ -223,8 +226,10 @@ def part_throughput(a, tmp: Path) -> dict:
     srv = _moto(tmp)
     try:
         srv.make_bucket("bench")
-        write_900m_shape("s3://bench/v2", srv.endpoint, a.tp_shards, a.tp_per_shard, v1=False)
-        write_900m_shape("s3://bench/v1", srv.endpoint, 1, a.old_read, v1=True)
+        text = not a.tokens_only
+        cond = "text_features" if text else "class"
+        write_900m_shape("s3://bench/v2", srv.endpoint, a.tp_shards, a.tp_per_shard, v1=False, text=text)
+        write_900m_shape("s3://bench/v1", srv.endpoint, 1, a.old_read, v1=True, text=text)
         proxy = S3FaultProxy(srv.endpoint, FaultConfig(slow=1.0, slow_s=0.02)).start()
         os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint  # readers open their own clients
         try:
@@ -232,7 +237,7 @@ def part_throughput(a, tmp: Path) -> dict:
             st = S3Storage("s3://bench/v2", endpoint_url=proxy.endpoint)
             proxy.reset_counts()
             t0 = time.perf_counter()
-            s = StageStream("s3://bench/v2", 256, 0, 1, seed=0, stage=0, cond="text_features", micro_batch=8,
+            s = StageStream("s3://bench/v2", 256, 0, 1, seed=0, stage=0, cond=cond, micro_batch=8,
                             num_workers=a.workers, window=a.window, prefetch_shards=a.prefetch, storage=st)
             it = iter(s)
             got = 0
@@ -261,7 +266,7 @@ def part_throughput(a, tmp: Path) -> dict:
             index = old.ShardIndex("s3://bench/v1")
             table = index.table(256)
             sched = old.build_schedule(table.grid, 1, 0, 0, 0, micro_batch=8)
-            reader = old.BatchReader("s3://bench/v1", table, sched, 0, 1, "text_features")
+            reader = old.BatchReader("s3://bench/v1", table, sched, 0, 1, cond)
             m = 0
             t1 = time.perf_counter()
             for i in range(len(reader)):
@@ -274,7 +279,7 @@ def part_throughput(a, tmp: Path) -> dict:
             proxy.stop()
     finally:
         srv.stop()
-    return {"latency_s": 0.02, "sample_bytes": 16 * 16 * 4 + 120 * 2048 * 2, "new": new, "old": old_res,
+    return {"latency_s": 0.02, "sample_bytes": 16 * 16 * 4 + (120 * 2048 * 2 if text else 0), "new": new, "old": old_res,
             "ratio_new_over_old": round(new["samples_per_s"] / old_res["samples_per_s"], 1),
             "over_plan_stage1_per_gpu": round(new["samples_per_s"] / PLAN_STAGE1_SAMPLES_PER_GPU, 2)}
 
@@ -344,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tp-shards", type=int, default=4)
     p.add_argument("--tp-per-shard", type=int, default=64)
     p.add_argument("--old-read", type=int, default=48, help="samples the per-sample reader reads")
+    p.add_argument("--tokens-only", action="store_true", help="throughput: samples without text features "
+                   "(the request-latency-bound regime instead of the bandwidth-bound one)")
     p.add_argument("--workers", type=int, default=4)
     p.add_argument("--window", type=int, default=2)
     p.add_argument("--prefetch", type=int, default=4)
