@@ -283,7 +283,6 @@ class Demo:
                      f"data.text_encoder={self.p('text_encoder')}", f"mlflow.vq_path={self.p('vq')}",
                      f"curriculum.stages={flow}", f"optim.warmup_steps={warmup}",
                      f"checkpoint.every_steps={max(50, total // 4)}"]
-        clear_stale_build_locks()
         cfg = str(REPO_CONFIGS / "train.yaml")
         if self.ranks > 1:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={self.ranks}",
@@ -434,28 +433,6 @@ class Demo:
                          f"--out samples/")
         lines.append(f"logs:    {self.p('logs')}/<stage>.log")
         return "\n".join(lines)
-
-
-STALE_LOCK_S = 600  # a DeepSpeed op JIT build takes ~40 s on 2 cores; a lock this old has no builder
-
-
-def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list[Path]:
-    """Remove torch-extension build locks left by a killed build (e.g. Ctrl-C during the first
-    DeepSpeed start). torch waits on such a lock forever, so training would hang silently."""
-    from sar_scale.distributed.init import default_extensions_dir
-
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or default_extensions_dir())
-    removed = []
-    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
-        try:
-            age = time.time() - lock.stat().st_mtime
-            if age > max_age_s:
-                lock.unlink()
-                removed.append(lock)
-                logger.warning("removed a stale torch-extension build lock %s (%.0f min old)", lock, age / 60)
-        except FileNotFoundError:
-            pass
-    return removed
 
 
 def _settings_text(s: dict | None) -> str:

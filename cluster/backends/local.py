@@ -22,7 +22,7 @@ from cluster.errors import ClusterError
 from cluster.registry import JobRecord
 from cluster.spec import JobSpec
 from sar_scale.utils.atomic import atomic_write_json
-from sar_scale.utils.procs import stop_process_group
+from sar_scale.utils.procs import pid_alive, stop_process_group
 
 CANCEL_WAIT_S = 20.0
 
@@ -65,16 +65,8 @@ class LocalBackend(Backend):
 
     @staticmethod
     def _alive(record: JobRecord) -> bool:
-        pid = record.info.get("pid")
-        if not pid:
-            return False
-        try:
-            p = psutil.Process(int(pid))
-            # Same pid, same start time: not a recycled pid.
-            return (abs(p.create_time() - float(record.info.get("create_time", 0))) < 1.0
-                    and p.status() != psutil.STATUS_ZOMBIE)
-        except psutil.NoSuchProcess:
-            return False
+        pid = record.info.get("pid")  # same pid and start time: not a recycled pid
+        return bool(pid) and pid_alive(int(pid), float(record.info.get("create_time", 0)))
 
     def status(self, record: JobRecord) -> JobStatus:
         job_dir = Path(record.info["job_dir"])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import time
 from pathlib import Path
 
 from sar_scale.distributed.env import DistEnv, export_torch_env, get_dist_env
@@ -19,6 +20,26 @@ _EXPORTED: list[str] = []
 def default_extensions_dir() -> str:
     """Where DeepSpeed's JIT-built ops are cached: built once (~40 s), then reused by every run."""
     return str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_extensions")
+
+
+STALE_LOCK_S = 600  # a DeepSpeed op JIT build takes ~40 s on 2 cores; a lock this old has no builder
+
+
+def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list[Path]:
+    """Remove torch-extension build locks left by a killed build (e.g. Ctrl-C during the first
+    DeepSpeed start). torch waits on such a lock forever, so training would hang silently."""
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or default_extensions_dir())
+    removed = []
+    for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+        try:
+            age = time.time() - lock.stat().st_mtime
+            if age > max_age_s:
+                lock.unlink()
+                removed.append(lock)
+                logger.warning("removed a stale torch-extension build lock %s (%.0f min old)", lock, age / 60)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def resolve_device(device: str) -> str:
@@ -51,6 +72,8 @@ def init_distributed(backend: str = "auto", device: str = "auto", timeout_s: flo
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     denv = get_dist_env()
+    if denv.local_rank == 0:  # before DeepSpeed JIT-builds its ops: a stale lock would hang it forever
+        clear_stale_build_locks()
     if denv.launcher == "none":
         # A bare process: a private single-rank group on a free loopback port; the variables we
         # export for env:// are removed again by destroy_distributed().

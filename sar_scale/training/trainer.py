@@ -20,8 +20,6 @@ import gc
 import json
 import logging
 import math
-import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,13 +40,13 @@ from sar_scale.config import ConfigError
 from sar_scale.data.loader import DataPosition, DatasetIndex, StageStream
 from sar_scale.distributed import comm, faults
 from sar_scale.distributed.ds_config import deepspeed_config, resolve_precision
-from sar_scale.distributed.env import DistEnv, set_cpu_threads
+from sar_scale.distributed.env import set_cpu_threads
+from sar_scale.distributed.health import RankStatus, diagnose_peers
 from sar_scale.distributed.init import destroy_distributed, init_distributed, resolve_device
 from sar_scale.distributed.lifeline import die_with_parent
 from sar_scale.training.config import TrainConfig
 from sar_scale.training.resume import StageShape, plan_resume
 from sar_scale.training.tracking import Tracker
-from sar_scale.utils.atomic import atomic_write
 from sar_scale.utils.redact import collect_secret_values, install_log_filter, redact_obj
 
 logger = logging.getLogger(__name__)
@@ -70,65 +68,6 @@ class TrainResult:
     mlflow_run_id: str | None
     last_checkpoint: Path | None
     rank: int = 0
-
-
-class _Status:
-    """Per-rank status file (state, step, heartbeat): lets a survivor name the rank that died."""
-
-    # At most one rewrite a second per rank: a survivor names the dead rank's step at most ~1 s stale,
-    # while a large job (thousands of ranks on a shared file system) stays at a rename per rank-second.
-    def __init__(self, run_dir: Path, denv: DistEnv, every_s: float = 1.0):
-        self.path = run_dir / "status" / f"rank{denv.rank}.json"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.denv, self.every_s, self._last, self._state = denv, every_s, 0.0, ""
-        self.base = {"rank": denv.rank, "host": socket.gethostname(), "pid": os.getpid()}
-
-    def write(self, state: str, step: int, force: bool = False, **extra: Any) -> None:
-        now = time.time()
-        if not force and state == self._state and now - self._last < self.every_s:
-            return
-        self._last, self._state = now, state
-        # no fsync: a heartbeat a second, read by live peers, not a record that must survive a crash
-        atomic_write(self.path, json.dumps({**self.base, "state": state, "step": step, "time": now, **extra}),
-                     fsync=False)
-
-
-def _alive(pid: int) -> bool:
-    """Process exists and is not a zombie (a killed child not yet reaped by its launcher)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
-def diagnose_peers(run_dir: Path, world: int, me: int) -> str:
-    """Which other ranks look dead (process gone on this host, failed, or silent): for error messages."""
-    notes = []
-    host = socket.gethostname()
-    for r in range(world):
-        if r == me:
-            continue
-        p = run_dir / "status" / f"rank{r}.json"
-        try:
-            st = json.loads(p.read_text())
-        except (OSError, ValueError):
-            notes.append(f"rank {r}: no status file")
-            continue
-        if st.get("state") == "failed":
-            notes.append(f"rank {r}: failed ({st.get('error', '?')})")
-        elif st.get("state") in ("starting", "running") and st.get("host") == host:
-            if not _alive(int(st["pid"])):
-                notes.append(f"rank {r}: process {st['pid']} on {host} is gone (killed?) at step {st.get('step')}")
-        elif st.get("state") in ("starting", "running"):
-            notes.append(f"rank {r}: last heartbeat {time.time() - st.get('time', 0):.0f}s ago on {st.get('host')}")
-    return "; ".join(notes)
 
 
 def default_run_name(cfg: TrainConfig) -> str:
@@ -270,7 +209,7 @@ class Trainer:
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.precision = resolve_precision(cfg.deepspeed.precision, self.device.type)
-        self.status = _Status(self.run_dir, self.denv)
+        self.status = RankStatus(self.run_dir, self.denv)
         self.status.write("starting", 0, force=True)
         self.tracker: Tracker | None = None
         try:
@@ -691,4 +630,4 @@ def dump_config_redacted(data: dict[str, Any], path: Path) -> Path:
     return path
 
 
-__all__ = ["TrainResult", "Trainer", "diagnose_peers", "mix_seed"]
+__all__ = ["TrainResult", "Trainer", "mix_seed"]

@@ -54,4 +54,20 @@ def stop_process_group(target: subprocess.Popen | int, grace_s: float = 30.0,
     return True
 
 
-__all__ = ["stop_process_group"]
+def pid_alive(pid: int, create_time: float | None = None) -> bool:
+    """The process exists, is not a zombie (killed, not yet reaped by its parent) and, given its
+    ``create_time``, is the same process (not a recycled pid)."""
+    import psutil
+
+    try:
+        p = psutil.Process(int(pid))
+        if create_time is not None and abs(p.create_time() - float(create_time)) >= 1.0:
+            return False
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:  # another user's live process
+        return True
+
+
+__all__ = ["pid_alive", "stop_process_group"]

@@ -94,7 +94,7 @@ def test_stale_build_lock_is_cleared_fresh_one_kept(tmp_path, monkeypatch):
     import os
     import time
 
-    from sar_scale.demo import clear_stale_build_locks
+    from sar_scale.distributed.init import clear_stale_build_locks
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
     old = tmp_path / "deepspeed_shm_comm" / "lock"
