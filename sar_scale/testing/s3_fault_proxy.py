@@ -20,7 +20,7 @@ interleaving therefore does not change which attempts fail, and a test can repla
 
 Hand-written because no maintained Python package offers S3-aware fault injection on a plain
 HTTP hop (toxiproxy works on TCP, needs a Go binary, and knows no 503 SlowDown).
-Usage: ``python -m sar_scale.utils.s3_fault_proxy --upstream http://127.0.0.1:5000 --rate 0.15``.
+Usage: ``python -m sar_scale.testing.s3_fault_proxy --upstream http://127.0.0.1:5000 --rate 0.15``.
 """
 
 from __future__ import annotations
@@ -309,7 +309,7 @@ class S3FaultProxy:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m sar_scale.utils.s3_fault_proxy",
+        prog="python -m sar_scale.testing.s3_fault_proxy",
         description="Forward S3 requests to UPSTREAM and inject faults (500, 503 SlowDown, slow answers, "
                     "connection resets, lost replies) at given rates; deterministic with --seed. Point "
                     "clients at it with AWS_ENDPOINT_URL. Ctrl-C prints what was injected.")

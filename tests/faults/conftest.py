@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from sar_scale.utils.s3_fault_proxy import FaultConfig, S3FaultProxy
+from sar_scale.testing.s3_fault_proxy import FaultConfig, S3FaultProxy
 from tests.faults import corpus
 
 REPO = Path(__file__).resolve().parents[2]

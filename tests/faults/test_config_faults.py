@@ -246,7 +246,7 @@ def test_clis_fail_fast_naming_the_key(tmp_path, capsys, figures):
 
 def test_fault_config_itself_is_strict():
     """The fault proxy's own config: rates are probabilities that sum to at most 1."""
-    from sar_scale.utils.s3_fault_proxy import FaultConfig
+    from sar_scale.testing.s3_fault_proxy import FaultConfig
 
     with pytest.raises(ConfigError, match="sum to 1.200 > 1"):
         load_config(FaultConfig, {"error_500": 0.6, "reset": 0.6})

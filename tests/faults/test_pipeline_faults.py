@@ -28,7 +28,7 @@ import pytest
 from pipelines.prepare import COMMIT_DELAY_ENV
 from sar_scale.data import schema
 from sar_scale.data.storage import Storage, open_storage
-from sar_scale.utils.s3_fault_proxy import KINDS, FaultConfig, S3FaultProxy
+from sar_scale.testing.s3_fault_proxy import KINDS, FaultConfig, S3FaultProxy
 from tests.faults import corpus
 from tests.faults.conftest import REPO, clean_env, prepare_config, run_cli
 

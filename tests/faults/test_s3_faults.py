@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from sar_scale.data.storage import S3Storage, StorageError, open_storage
-from sar_scale.utils.s3_fault_proxy import KINDS, FaultConfig, S3FaultProxy, request_identity
+from sar_scale.testing.s3_fault_proxy import KINDS, FaultConfig, S3FaultProxy, request_identity
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -171,7 +171,7 @@ def test_permanent_outage_ends_each_client_path_with_a_clear_error(s3_server, tm
 
 
 def test_proxy_cli_serves_faults_and_reports_counts(s3_server):
-    """`python -m sar_scale.utils.s3_fault_proxy` prints its endpoint, injects the configured fault, and on
+    """`python -m sar_scale.testing.s3_fault_proxy` prints its endpoint, injects the configured fault, and on
     Ctrl-C prints what it injected."""
     import os
     import signal
@@ -182,7 +182,7 @@ def test_proxy_cli_serves_faults_and_reports_counts(s3_server):
 
     from tests.faults.conftest import REPO, clean_env
 
-    proc = subprocess.Popen([sys.executable, "-m", "sar_scale.utils.s3_fault_proxy", "--upstream", s3_server.endpoint,
+    proc = subprocess.Popen([sys.executable, "-m", "sar_scale.testing.s3_fault_proxy", "--upstream", s3_server.endpoint,
                              "permanent=503"], env=clean_env(), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     try:

@@ -9,7 +9,7 @@ import pytest
 from sar_scale.data import schema as S
 from sar_scale.data.shards import commit_shard, hashes_array
 from sar_scale.data.storage import S3Storage, StorageError
-from sar_scale.utils.s3_fault_proxy import KINDS, FaultConfig
+from sar_scale.testing.s3_fault_proxy import KINDS, FaultConfig
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

@@ -28,8 +28,8 @@ from sar_scale.checkpoint.manager import (
     list_checkpoints,
     tag_for,
 )
+from sar_scale.testing.s3_fault_proxy import KINDS, FaultConfig, S3FaultProxy
 from sar_scale.training.debug_data import write_debug_shards
-from sar_scale.utils.s3_fault_proxy import KINDS, FaultConfig, S3FaultProxy
 from tests.faults.conftest import clean_env, run_cli
 from tests.integration.train_launch import data_order, logs, metrics, spawn, train_argv, wait
 
