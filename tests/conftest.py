@@ -102,3 +102,15 @@ def shared_dir() -> Path:
     if not SHARED.exists():
         pytest.skip(f"shared fixtures not found at {SHARED}")
     return SHARED
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one intra-op thread is as fast, and much faster when other jobs share the cores
+    (two threads busy-wait badly). Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

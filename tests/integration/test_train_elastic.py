@@ -15,9 +15,9 @@ import yaml
 
 from sar_scale.training.debug_data import write_debug_shards
 from sar_scale.utils.net import free_port
-from tests.integration.test_train_distributed import base_config
 from tests.integration.train_launch import (
     REPO,
+    base_config,
     keys_per_step,
     logs,
     metrics,

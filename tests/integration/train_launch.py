@@ -128,3 +128,23 @@ if __name__ == "__main__":
     if sys.argv[1] == "zero-sweep":
         raise SystemExit(_zero_sweep(sys.argv[2], sys.argv[3]))
     raise SystemExit(f"unknown worker mode {sys.argv[1]!r}")
+
+
+def base_config(run_dir: Path, shards: Path, **extra) -> dict:
+    """The small ZeRO-2 debug-model run the multi-process training tests vary."""
+    cfg = {
+        "run_dir": str(run_dir), "seed": 3, "device": "cpu",
+        "model": {"name": "debug"},
+        "data": {"url": str(shards), "num_workers": 1},
+        "plan": {"orders": {"random": 1.0, "raster": 1.0}, "num_sets": [2, 4], "intervals": {"random": 1.0}},
+        "optim": {"lr": 2e-3, "warmup_steps": 0, "schedule": "constant"},
+        "deepspeed": {"zero_stage": 2, "timeout_s": 60},
+        "ema": {"enabled": True, "decay": 0.9},
+        "curriculum": {"stages": [{"name": "s64", "resolution": 64, "steps": 2, "micro_batch": 2, "grad_accum": 2}]},
+        "checkpoint": {"every_steps": 0, "keep_last": 2},
+        "mlflow": {"enabled": False},
+        "log_data_order": True,
+    }
+    for k, v in extra.items():
+        cfg[k] = v
+    return cfg

@@ -13,14 +13,7 @@ from sar_scale.data import synthetic as syn
 from sar_scale.eval.shapes import format_table, run_shapes_suite, shapes_prompts
 from sar_scale.sar import Recipe, standard_recipes
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread (2 threads busy-wait badly when the CPU is shared)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def test_plans_parse_name_build():

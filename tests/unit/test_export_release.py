@@ -22,39 +22,9 @@ from sar_scale.export.pipeline import load_model
 from sar_scale.export.release import export_checkpoint, write_export
 from sar_scale.export.weights import load_state_dict
 from sar_scale.models import build_model
+from tests.export_parts import TEXT_WIDTH, build_parts, export_tiny
 
-TEXT_WIDTH = 32
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and much faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def build_parts(root: Path) -> dict:
-    """Tiny random parts: demo-small VQ (codebook 1024, downsample 8), a 1-layer T5 text encoder,
-    a text-conditional and a class-conditional debug FMT with vocab 1024."""
-    from sar_scale.tokenizers.text import build_tiny_text_encoder
-    from sar_scale.tokenizers.vq import build_vq, save_vq
-
-    torch.manual_seed(0)
-    vq_dir = save_vq(build_vq("demo-small"), root / "vq_src")
-    te_dir = build_tiny_text_encoder(root / "te_src", kind="t5", width=TEXT_WIDTH, layers=1, heads=2, max_length=16)
-    text_model = build_model("debug", cond="text", vocab_size=1024, text_dim=TEXT_WIDTH, max_text_len=16)
-    class_model = build_model("debug", vocab_size=1024)
-    return {"vq": vq_dir, "te": te_dir, "text_model": text_model, "class_model": class_model}
-
-
-def export_tiny(parts: dict, out: Path, cond: str = "text", **kw):
-    model = parts[f"{cond}_model"]
-    return write_export(out, model.state_dict(), model.config, vq=parts["vq"],
-                        text_encoder=parts["te"] if cond == "text" else None,
-                        resolutions=kw.pop("resolutions", [64, 128]), default_resolution=kw.pop("default_resolution", 64),
-                        **kw)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -16,16 +16,9 @@ from PIL import Image
 
 from sar_scale.export import edit_cli, generate_cli
 from sar_scale.export.pipeline import SARPipeline, derive_seed
-from tests.unit.test_export_release import build_parts, export_tiny
+from tests.export_parts import build_parts, export_tiny
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models: one intra-op thread is as fast, and much faster when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,8 @@ from sar_scale.config import load_config
 from sar_scale.training.config import TrainConfig
 from sar_scale.training.debug_data import write_debug_shards
 
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # real DeepSpeed training runs
+
 CANARY = "CANARY-7c1d-secret-value"
 
 
