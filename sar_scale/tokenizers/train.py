@@ -14,7 +14,6 @@ Shape legend: B batch, S image side (pixels), N images.
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from pydantic import model_validator
 from tqdm.auto import tqdm
 
@@ -143,9 +142,15 @@ def load_images(source: str | Path, size: int, max_images: int | None = None,
                 progress: bool = True) -> ImageSet:
     """Decode a folder (recursive) or webdataset tars into [N, 3, size, size] uint8.
 
-    Unreadable files are recorded in ``rejects`` (name -> reason) and skipped, never fatal;
-    finding no usable image at all is an error naming the source.
+    Every file goes through `data prepare`'s decoder and its rules (pipelines/validate.decode_image:
+    decompression bombs, truncated or undecodable files, oversized files); a hostile file is recorded
+    in ``rejects`` (name -> reason) and logged on one line, never fatal; finding no usable image at
+    all is an error naming the source.
     """
+    from pipelines.config import DecodeConfig
+    from pipelines.validate import Reject, decode_image
+
+    decode_cfg = DecodeConfig(animated="first_frame")  # a VQ learns from any still frame
     src = str(source)
     path = Path(src)
     if path.is_dir():
@@ -166,13 +171,13 @@ def load_images(source: str | Path, size: int, max_images: int | None = None,
             rejects[name] = "no image"
             continue
         try:
-            with Image.open(io.BytesIO(read())) as img:
-                arrays.append(_square(img, size))
+            arrays.append(_square(decode_image(read(), decode_cfg), size))
             names.append(name)
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            rejects[name] = f"unreadable image: {e}"
-    for name, why in list(rejects.items())[:5]:
-        log.warning("skipped %s: %s", name, why)
+        except Reject as e:
+            rejects[name] = str(e)
+            log.warning("skipped %s: %s", name, e)
+    if rejects:
+        log.warning("skipped %d of %d images (reasons above)", len(rejects), len(items))
     if not arrays:
         raise ValueError(f"no usable images in {src} (looked for {sorted(IMAGE_SUFFIXES)} files or "
                          f"webdataset tars with {list(_TAR_IMAGE_KEYS)}; {len(rejects)} rejected)")

@@ -59,7 +59,7 @@ def test_load_images_folder_tar_and_rejects(tmp_path):
     (tmp_path / "imgs" / "notes.txt").write_text("ignored")
     data = load_images(tmp_path / "imgs", 32, progress=False)
     assert data.images_N3SS.shape == (6, 3, 32, 32) and data.images_N3SS.dtype == torch.uint8
-    assert list(data.rejects) == ["broken.png"] and "unreadable" in data.rejects["broken.png"]
+    assert list(data.rejects) == ["broken.png"] and data.rejects["broken.png"].startswith("undecodable")
     assert any(n.startswith("sub/") for n in data.names)  # recursive
 
     import webdataset as wds
@@ -182,3 +182,45 @@ def test_help_explains(capsys):
     text = capsys.readouterr().out
     assert "--steps" in text and "commitment" in text and "GAN/LPIPS" in text
 
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A tiny PNG whose header claims ``width x height`` pixels: PIL refuses it as a decompression bomb."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(buf, "PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = 8 + 8  # signature, then length + b"IHDR"
+    data[ihdr:ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13:ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4:ihdr + 13])))
+    return bytes(data)
+
+
+def test_hostile_images_are_skipped_with_one_line_reasons(tmp_path, caplog):
+    """`tokenizer train --data DIR` on a folder with a decompression bomb and a truncated file: skip and
+    count them as `data prepare` does, fail clearly only if nothing usable is left."""
+    import logging
+
+    make_shapes(tmp_path / "d", 3, size=24)
+    good = sorted((tmp_path / "d").rglob("*.png"))[0].read_bytes()
+    (tmp_path / "d" / "bomb.png").write_bytes(_png_claiming(20000, 20000))
+    (tmp_path / "d" / "trunc.png").write_bytes(good[: len(good) // 2])
+    (tmp_path / "d" / "empty.jpg").write_bytes(b"")
+    with caplog.at_level(logging.WARNING):
+        data = load_images(tmp_path / "d", 16, progress=False)
+    assert data.images_N3SS.shape[0] == 3
+    assert data.rejects["bomb.png"].startswith("decompression_bomb")
+    assert data.rejects["trunc.png"].startswith(("truncated", "undecodable"))
+    assert data.rejects["empty.jpg"] == "empty_file"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+    assert len(lines) == 4 and all("\n" not in m for m in lines) and "skipped 3 of 6 images" in lines[-1]
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    (hostile / "bomb.png").write_bytes(_png_claiming(20000, 20000))
+    with pytest.raises(ValueError, match="no usable images in .*1 rejected"):
+        load_images(hostile, 16, progress=False)
