@@ -25,10 +25,10 @@ def default_extensions_dir() -> str:
 STALE_LOCK_S = 600  # a DeepSpeed op JIT build takes ~40 s on 2 cores; a lock this old has no builder
 
 
-def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S) -> list[Path]:
+def clear_stale_build_locks(max_age_s: float = STALE_LOCK_S, root: str | Path | None = None) -> list[Path]:
     """Remove torch-extension build locks left by a killed build (e.g. Ctrl-C during the first
     DeepSpeed start). torch waits on such a lock forever, so training would hang silently."""
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or default_extensions_dir())
+    root = Path(root or os.environ.get("TORCH_EXTENSIONS_DIR") or default_extensions_dir())
     removed = []
     for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
         try:

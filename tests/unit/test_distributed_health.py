@@ -28,19 +28,31 @@ def test_status_files_name_the_dead_failed_and_missing_peers(tmp_path):
     assert "rank 2: failed (OOM)" in notes and "rank 3: no status file" in notes and "rank 0" not in notes
 
 
-def test_init_distributed_clears_a_stale_build_lock(tmp_path, monkeypatch):
-    """`sar-scale train` itself must not hang on a lock left by a killed DeepSpeed JIT build."""
-    from sar_scale.distributed.init import destroy_distributed, init_distributed
+def test_init_distributed_clears_stale_build_locks_before_deepspeed_builds(tmp_path, monkeypatch):
+    """`sar-scale train` itself must not hang on a lock left by a killed DeepSpeed JIT build: the
+    cleanup runs in init_distributed, before DeepSpeed's first op build (the real extension cache
+    is used, so nothing is rebuilt; the stale lock lives in a scratch folder)."""
+    import torch.distributed as dist
+
+    from sar_scale.distributed import init as dinit
 
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(k, raising=False)
-    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
-    lock = tmp_path / "deepspeed_shm_comm" / "lock"
-    lock.parent.mkdir()
+    lock = tmp_path / "py311_cpu" / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir(parents=True)
     lock.write_text("")
     os.utime(lock, (time.time() - 3600, time.time() - 3600))
-    init_distributed("gloo", "cpu", 30)
+    real, seen = dinit.clear_stale_build_locks, []
+
+    def cleanup(max_age_s: float = dinit.STALE_LOCK_S, root=None) -> list:
+        seen.append(dist.is_initialized())
+        return real(max_age_s, root=tmp_path)
+
+    monkeypatch.setattr(dinit, "clear_stale_build_locks", cleanup)
+    before = dist.is_initialized()  # another test of this session may have left a group behind
+    dinit.init_distributed("gloo", "cpu", 30)
     try:
-        assert not lock.exists()
+        assert seen == [before] and not lock.exists()
     finally:
-        destroy_distributed()
+        if not before:
+            dinit.destroy_distributed()
