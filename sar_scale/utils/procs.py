@@ -20,18 +20,17 @@ def stop_process_group(target: subprocess.Popen | int, grace_s: float = 30.0,
     if proc is not None and proc.poll() is not None:
         return False
 
-    def running() -> bool:
-        if alive is not None:
-            return alive()
+    def signal_group(sig: int) -> bool:  # False: no member of the group is left
         try:
-            os.killpg(pgid, 0)
+            os.killpg(pgid, sig)
             return True
         except ProcessLookupError:
             return False
 
-    try:
-        os.killpg(pgid, signal.SIGTERM)
-    except ProcessLookupError:
+    def running() -> bool:
+        return alive() if alive is not None else signal_group(0)
+
+    if not signal_group(signal.SIGTERM):
         return False
     if proc is not None:
         try:
@@ -45,9 +44,7 @@ def stop_process_group(target: subprocess.Popen | int, grace_s: float = 30.0,
             time.sleep(0.2)
         if not running():
             return False
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
+    if not signal_group(signal.SIGKILL):
         return False
     if proc is not None:
         proc.wait(10)
