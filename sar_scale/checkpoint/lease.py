@@ -60,12 +60,15 @@ class RunLease:
 
     def __init__(self, run_dir: str | Path, mirror=None, stale_s: float = 60.0, beat_s: float | None = None):
         self.path = Path(run_dir) / LEASE
-        self.mirror = mirror  # a sar_scale.data.storage.Storage, or None
+        self.mirror = mirror  # a sar_scale.data.storage.Storage, a callable making one, or None
         self.stale_s = float(stale_s)
         self.beat_s = beat_s if beat_s is not None else max(0.5, min(10.0, self.stale_s / 4))
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.time(),
                    "token": uuid.uuid4().hex, "run_dir": str(Path(run_dir).resolve())}
         self.lost: dict[str, Any] | None = None
+        self._mirror_held = False
+        self._mirror_error: BaseException | None = None
+        self._mirror_thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -152,12 +155,31 @@ class RunLease:
             raise self._busy(self.mirror.url(), got)
 
     # ------------------------------------------------------------------ life cycle
-    def acquire(self) -> RunLease:
-        """Take the lease (raises :class:`RunDirBusy` naming the holder) and start the heartbeat."""
+    def acquire(self, mirror_in_background: bool = False) -> RunLease:
+        """Take the lease (raises :class:`RunDirBusy` naming the holder) and start the heartbeat.
+
+        ``mirror_in_background``: take the mirror's lease in a thread (object-store round trips with
+        retries can take seconds while other ranks wait in a collective); :meth:`check` waits for it
+        and raises if it was refused - call it before the first write to the mirror."""
         self._acquire_local()
-        if self.mirror is not None:
+        if self.mirror is not None and mirror_in_background:
+            def take() -> None:
+                try:
+                    if callable(self.mirror):  # opening an object store client is slow too
+                        self.mirror = self.mirror()
+                    self._acquire_mirror()
+                    self._mirror_held = True
+                except BaseException as e:  # noqa: BLE001 - reported by check()
+                    self._mirror_error = e
+
+            self._mirror_thread = threading.Thread(target=take, name="run-lease-mirror", daemon=True)
+            self._mirror_thread.start()
+        elif self.mirror is not None:
             try:
+                if callable(self.mirror):
+                    self.mirror = self.mirror()
                 self._acquire_mirror()
+                self._mirror_held = True
             except BaseException:
                 self._release_local()
                 raise
@@ -175,13 +197,21 @@ class RunLease:
                                  local.get("host"), local.get("pid"))
                     return
                 self._write_local()
-                if self.mirror is not None:
+                if self.mirror is not None and self._mirror_held:
                     self.mirror.put_bytes(self._record(), LEASE)
             except Exception as e:  # noqa: BLE001 - a missed beat is retried; staleness has slack
                 logger.warning("lease heartbeat failed: %s", e)
 
     def check(self) -> None:
-        """Raise if another job took this run directory over (this job was presumed dead)."""
+        """Raise if the mirror's lease was refused, or another job took this run directory over (this
+        job was presumed dead)."""
+        if self._mirror_thread is not None:
+            self._mirror_thread.join()
+            if isinstance(self._mirror_error, RunDirBusy):
+                raise RunDirBusy(str(self._mirror_error))
+            if self._mirror_error is not None:
+                raise RunDirBusy(f"{self.mirror.url()}: could not take the lease of the checkpoint mirror: "
+                                 f"{self._mirror_error}")
         if self.lost is not None:
             raise RunDirBusy(f"{self.path.parent}: this job's lease was taken over by host "
                              f"{self.lost.get('host')} pid {self.lost.get('pid')}; stopping before writing "
@@ -198,7 +228,9 @@ class RunLease:
             self._thread.join(timeout=5)
         try:
             self._release_local()
-            if self.mirror is not None and (self._read_mirror() or {}).get("token") == self.me["token"]:
+            if self._mirror_thread is not None:
+                self._mirror_thread.join(timeout=30)
+            if self._mirror_held and (self._read_mirror() or {}).get("token") == self.me["token"]:
                 self.mirror.delete(LEASE)
         except Exception as e:  # noqa: BLE001 - a stale lease is taken over by the next job anyway
             logger.warning("could not release the lease of %s: %s", self.path.parent, e)

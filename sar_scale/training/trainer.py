@@ -240,13 +240,17 @@ class Trainer:
         another live job holds it (nothing has been written then)."""
         lease, err = None, ""
         if self.denv.rank == 0:
-            mirror = None
-            if self.cfg.checkpoint.mirror_url:
-                from sar_scale.data.storage import open_storage
+            import functools
 
-                mirror = open_storage(self.cfg.checkpoint.mirror_url)
+            from sar_scale.data.storage import open_storage
+
+            url = self.cfg.checkpoint.mirror_url
+            mirror = functools.partial(open_storage, url) if url else None  # opened in the lease's thread
             try:
-                lease = RunLease(self.run_dir, mirror, self.cfg.checkpoint.lease_stale_s).acquire()
+                # the mirror's lease is taken in the background (object-store retries must not hold the
+                # other ranks in a collective) and checked before the first checkpoint is written
+                lease = RunLease(self.run_dir, mirror, self.cfg.checkpoint.lease_stale_s).acquire(
+                    mirror_in_background=True)
             except RunDirBusy as e:
                 err = str(e)
         err = comm.broadcast_object(err)

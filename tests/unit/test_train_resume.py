@@ -132,6 +132,10 @@ def test_lease_on_the_mirror_and_takeover_detection(tmp_path):
     with pytest.raises(RunDirBusy, match="mirror.*is held by another training job"):
         RunLease(tmp_path / "b", mirror, stale_s=30).acquire()  # another machine, same mirror
     assert not (tmp_path / "b" / LEASE).exists()  # its local lease was given back
+    late = RunLease(tmp_path / "c", mirror, stale_s=30).acquire(mirror_in_background=True)  # what the trainer does
+    with pytest.raises(RunDirBusy, match="mirror.*is held by another training job"):
+        late.check()  # before its first checkpoint write
+    late.release()
     # someone presumed this job dead and took the run directory over: the holder notices
     (tmp_path / "a" / LEASE).write_text(json.dumps({"host": "x", "pid": 2, "since": 1.0,
                                                     "heartbeat": time.time(), "token": "thief"}))
