@@ -221,7 +221,7 @@ def write_900m_shape(url: str, endpoint: str, shards: int, per_shard: int, v1: b
 def part_throughput(a, tmp: Path) -> dict:
     from sar_scale.data.loader import StageStream
     from sar_scale.data.storage import S3Storage
-    from sar_scale.utils.s3_fault_proxy import FaultConfig, S3FaultProxy
+    from sar_scale.testing.s3_fault_proxy import FaultConfig, S3FaultProxy
 
     srv = _moto(tmp)
     try:
@@ -291,9 +291,9 @@ def part_train(a, tmp: Path) -> dict:
     import yaml
 
     from sar_scale.data.storage import S3Storage  # noqa: F401
+    from sar_scale.testing.s3_fault_proxy import FaultConfig, S3FaultProxy
     from sar_scale.training.debug_data import write_debug_shards
     from sar_scale.utils.net import free_port
-    from sar_scale.utils.s3_fault_proxy import FaultConfig, S3FaultProxy
 
     srv = _moto(tmp)
     try:
