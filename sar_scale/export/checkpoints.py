@@ -15,13 +15,9 @@ are also verified against their ``COMPLETE.json`` checksums before anything is r
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import logging
-import pickle
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -39,7 +35,6 @@ from sar_scale.checkpoint.manager import (
     step_of,
     verify_checkpoint,
 )
-from sar_scale.checkpoint.safe_load import deepspeed_safe_globals, restricted_unpickling
 from sar_scale.utils.redact import redact_text
 
 if TYPE_CHECKING:
@@ -216,85 +211,6 @@ def resolve_checkpoint(source: str, download_dir: Path) -> CheckpointSource:
     return resolve_local(source)
 
 
-# ----------------------------------------------------------------------------- consolidation
-
-
-def _unsafe_report(ckpt: Path) -> str:
-    allowed = {f"{c.__module__}.{c.__qualname__}" for c in deepspeed_safe_globals()}
-    found = []
-    for f in sorted(ckpt.rglob("*.pt")):
-        try:
-            bad = [g for g in torch.serialization.get_unsafe_globals_in_checkpoint(str(f)) if g not in allowed]
-        except Exception as e:  # noqa: BLE001 - an unreadable file is itself worth naming
-            bad = [f"<unreadable: {e}>"]
-        if bad:
-            found.append(f"{f.name}: {bad[:6]}")
-    return "; ".join(found) or "(no offending globals found by the scanner)"
-
-
-@contextlib.contextmanager
-def _ds_prints_to_log() -> Iterator[None]:
-    """zero_to_fp32 reports with print(); route it to our log instead of the user's stdout."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        yield
-    for line in buf.getvalue().splitlines():
-        if line.strip():
-            logger.info("deepspeed: %s", line.strip())
-
-
-def consolidated_state(src: CheckpointSource, trust: bool = False) -> dict[str, Any]:
-    """Full-shape weights (fp32 master weights where DeepSpeed keeps them); values may be lazy tensors."""
-    try:
-        with restricted_unpickling(trust), _ds_prints_to_log():
-            if src.kind == "universal":
-                return _universal_state(src.path, trust)
-            if src.kind == "zero":
-                from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-                try:
-                    return dict(get_fp32_state_dict_from_zero_checkpoint(str(src.root), tag=src.tag,
-                                                                         lazy_mode=True))
-                except ValueError as e:
-                    if "is not a zero checkpoint" not in str(e):
-                        raise
-                    src.notes.append("optimizer files are not ZeRO partitions: using the module weights")
-            return _stage0_state(src.path, trust)
-    except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
-        raise ExportError(
-            f"{src.path}: refused to unpickle a checkpoint file ({first}). Classes outside the allowlist: "
-            f"{_unsafe_report(src.path)}. If you wrote this checkpoint yourself, --trust-checkpoint "
-            "allows full unpickling.") from None
-    except FileNotFoundError as e:
-        raise ExportError(f"{src.path}: incomplete DeepSpeed checkpoint: {e}") from None
-
-
-def _stage0_state(ckpt: Path, trust: bool = False) -> dict[str, torch.Tensor]:
-    files = sorted(ckpt.glob("mp_rank_*_model_states.pt"))
-    if len(files) != 1:
-        raise ExportError(f"{ckpt}: expected one mp_rank_00_model_states.pt for a ZeRO-0 checkpoint, "
-                          f"found {[f.name for f in files]} (tensor/pipeline parallel checkpoints are not supported)")
-    blob = torch.load(files[0], map_location="cpu", weights_only=not trust, mmap=True)
-    module = blob.get("module") if isinstance(blob, dict) else None
-    if not isinstance(module, dict) or not module:
-        raise ExportError(f"{files[0]}: no 'module' weights in the model states file")
-    return dict(module)
-
-
-def _universal_state(ckpt: Path, trust: bool = False) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted((ckpt / "zero").glob("*/fp32.pt")):
-        blob = torch.load(f, map_location="cpu", weights_only=not trust)
-        t = blob.get("param") if isinstance(blob, dict) else blob
-        if not isinstance(t, torch.Tensor):
-            raise ExportError(f"{f}: no 'param' tensor (not a universal checkpoint parameter file)")
-        out[f.parent.name] = t
-    if not out:
-        raise ExportError(f"{ckpt / 'zero'}: no */fp32.pt parameter files")
-    return out
-
-
 def ema_state(src: CheckpointSource) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -303,11 +219,6 @@ def ema_state(src: CheckpointSource) -> dict[str, torch.Tensor]:
         raise ExportError(f"--ema: {path} not found (the run was trained without ema.enabled, or the "
                           "checkpoint predates EMA)")
     return load_file(str(path))
-
-
-def materialize(state: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """Lazy (GatheredTensor) values -> real fp32-or-native tensors."""
-    return {k: (v if isinstance(v, torch.Tensor) else v.contiguous()) for k, v in state.items()}
 
 
 def model_config_for(src: CheckpointSource, override: str | None = None) -> FMTConfig:
@@ -361,6 +272,5 @@ def global_step_of(src: CheckpointSource) -> int | None:
     return int(m.group(1)) if m else None
 
 
-__all__ = ["CheckpointSource", "ExportError", "consolidated_state", "download_s3", "ema_state",
-           "global_step_of", "materialize", "model_config_for", "resolve_checkpoint", "resolve_local",
-           "restricted_unpickling", "stage_metrics"]
+__all__ = ["CheckpointSource", "ExportError", "download_s3", "ema_state", "global_step_of", "model_config_for",
+           "resolve_checkpoint", "resolve_local", "stage_metrics"]

@@ -64,6 +64,7 @@ def main(argv: list[str]) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("DeepSpeed", "deepspeed", "mlflow", "alembic", "botocore", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from sar_scale.checkpoint.manager import CheckpointError
     from sar_scale.config import ConfigError
     from sar_scale.export.checkpoints import ExportError
     from sar_scale.export.release import export_checkpoint
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> int:
                                 trust_checkpoint=args.trust_checkpoint, register=args.register,
                                 tracking_uri=args.tracking_uri, upload=args.upload, download_dir=args.download_dir,
                                 name=args.name, sampling=args.sampling)
-    except (ExportError, ConfigError, FileNotFoundError, ValueError) as e:
+    except (ExportError, CheckpointError, ConfigError, FileNotFoundError, ValueError) as e:
         print(f"sar-scale export: {e}", file=sys.stderr)
         return 1 if "verification failed" in str(e) else 2
     cfg = res.config

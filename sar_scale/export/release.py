@@ -20,15 +20,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 import sar_scale
+from sar_scale.checkpoint.consolidate import consolidated_state, materialize
 from sar_scale.config import load_config
 from sar_scale.export.card import model_card
 from sar_scale.export.checkpoints import (
     CheckpointSource,
     ExportError,
-    consolidated_state,
     ema_state,
     global_step_of,
-    materialize,
     model_config_for,
     resolve_checkpoint,
     stage_metrics,
@@ -342,7 +341,7 @@ def export_checkpoint(source: str, out_dir: str | Path, *, ema: bool = False, dt
             meta["sampling"] = load_config(SamplingDefaults, meta["sampling"].model_dump(), sampling)
         logger.info("exporting %s (%s, step %s) as %s%s", src.display, src.kind, meta["source"].global_step,
                     dtype, " EMA" if ema else "")
-        state = consolidated_state(src, trust_checkpoint)
+        state = consolidated_state(src.path, src.kind, trust_checkpoint, notes=src.notes)
         if ema:
             ema_sd = ema_state(src)
             missing = [k for k in state if k not in ema_sd]

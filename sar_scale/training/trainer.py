@@ -170,24 +170,12 @@ class Trainer:
     # ------------------------------------------------------------------ weights
     @staticmethod
     def load_consolidated(ckpt: Path) -> dict[str, torch.Tensor]:
-        """Full fp32 weights of a (verified) checkpoint, any ZeRO stage, for a new stage's model.
+        """Full fp32 weights of a (verified) checkpoint, any ZeRO stage, for a new stage's model
+        (checkpoint/consolidate.py: never unpickles code)."""
+        from sar_scale.checkpoint.consolidate import consolidated_state
 
-        ZeRO-0 keeps full weights in ``mp_rank_00_model_states.pt``, which loads with
-        ``weights_only=True``. ZeRO 1-3: DeepSpeed's ``zero_to_fp32`` reassembles the fp32 master weights
-        from the optimizer partitions of any number of ranks; it unpickles them with
-        ``weights_only=False``; we force torch's weights-only unpickler around it (plus DeepSpeed's few
-        plain-data classes), so a tampered checkpoint cannot run code even though its checksums verify.
-        """
-        state = read_train_state(ckpt)
-        if int(state.get("zero_stage", 0)) > 0:
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            with restricted_unpickling():
-                sd = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
-        else:
-            blob = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=True)
-            sd = blob["module"]
-        return {k: v.float() for k, v in sd.items()}
+        kind = "zero" if int(read_train_state(ckpt).get("zero_stage", 0)) > 0 else "stage0"
+        return {k: v.float() for k, v in consolidated_state(ckpt, kind, lazy=False).items()}
 
     # ------------------------------------------------------------------ main
     def run(self) -> TrainResult:

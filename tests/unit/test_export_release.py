@@ -14,9 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from sar_scale.checkpoint.manager import COMPLETE, TRAIN_STATE, sha256_file
+from sar_scale.checkpoint.consolidate import consolidated_state
+from sar_scale.checkpoint.manager import COMPLETE, TRAIN_STATE, CheckpointError, sha256_file
 from sar_scale.config import ConfigError
-from sar_scale.export.checkpoints import ExportError, consolidated_state, resolve_local
+from sar_scale.export.checkpoints import ExportError, resolve_local
 from sar_scale.export.config import SourceInfo, read_export_config
 from sar_scale.export.pipeline import load_model
 from sar_scale.export.release import export_checkpoint, write_export
@@ -235,10 +236,10 @@ def test_code_in_a_checkpoint_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"module": {"w": torch.zeros(2)}, "extra": _Payload(marker)}, ck / "mp_rank_00_model_states.pt")
     src = resolve_local(ck)
-    with pytest.raises(ExportError, match=r"(?s)refused to unpickle.*pathlib.*--trust-checkpoint"):
-        consolidated_state(src)
+    with pytest.raises(CheckpointError, match=r"(?s)refused to unpickle.*pathlib.*--trust-checkpoint"):
+        consolidated_state(src.path, src.kind)
     assert not marker.exists()
     assert os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD") is None  # restored afterwards
     # the restriction is what stopped it: an explicitly trusted load does run the payload
-    consolidated_state(src, trust=True)
+    consolidated_state(src.path, src.kind, trust=True)
     assert marker.exists()
