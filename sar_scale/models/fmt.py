@@ -39,11 +39,16 @@ from sar_scale.sar.plan import SetPlan
 class KVCache:
     """Per-layer encoder self-attention K/V and decoder cross-attention K/V of everything encoded.
 
-    The buffers ``[B, H, capacity, E]`` are allocated once for the condition plus every image token
-    and filled left to right; the first ``length`` keys are real. Appending a set writes its K/V in
+    The buffers ``[B, H, capacity, E]`` are allocated once (zeroed) for the condition plus every image
+    token and filled left to right; the first ``length`` keys are written. Appending a set writes its K/V in
     place, so a step costs that set's K/V rather than a copy of everything cached (what growing the
     cache with torch.cat cost: 5-9% of a sampling step at 256-1024 tokens), and the peak memory is the
     final cache, not twice it during a copy.
+
+    ``static``: every step attends over the whole buffer (unwritten keys masked out) and writes by an
+    index tensor, so the compiled blocks see the same key length and no Python int at every step (one
+    graph for a whole sampling run, CUDA-graph friendly); otherwise steps attend to the filled part
+    only (fewer FLOPs in eager mode). Both give the same logits up to float rounding.
     """
 
     enc: list[tuple[torch.Tensor, torch.Tensor]]
@@ -51,6 +56,7 @@ class KVCache:
     valid_BS: torch.Tensor  # [B, capacity]: which cached keys are real (text padding is False)
     grid: tuple[int, int]
     length: int = 0
+    static: bool = False
 
     @property
     def capacity(self) -> int:
@@ -60,9 +66,13 @@ class KVCache:
         return self.valid_BS[:, : self.length]
 
 
-def _key_mask(valid_BS: torch.Tensor, structural: torch.Tensor | None) -> torch.Tensor | None:
-    """Combine a structural [T, S] mask with key padding [B, S] into an SDPA bool mask."""
-    if bool(valid_BS.all()):
+def _key_mask(valid_BS: torch.Tensor | None, structural: torch.Tensor | None) -> torch.Tensor | None:
+    """Combine a structural [T, S] mask with key padding [B, S] into an SDPA bool mask.
+
+    ``valid_BS`` is None when no key can be padding (class condition): decided from the config, not
+    by reading the mask (``bool(valid.all())`` was a host sync per forward and made the mask's shape,
+    and so the compiled graph, depend on the data)."""
+    if valid_BS is None:
         return structural
     pad = valid_BS[:, None, None, :]
     return pad if structural is None else structural & pad
@@ -113,6 +123,7 @@ class FullyMaskedTransformer(nn.Module):
         self.head = nn.Linear(d, cfg.vocab_size, bias=False)
         self.rope = Rope2D(cfg)
         self.activation_checkpointing = False
+        self.compiled = False  # compile_blocks() was called
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -169,12 +180,33 @@ class FullyMaskedTransformer(nn.Module):
             raise ValueError(f"text features have width {cond.text.shape[-1]}, the model expects {cfg.text_dim}")
         if cond.text.shape[1] > cfg.max_text_len:
             raise ValueError(f"text has {cond.text.shape[1]} tokens, max_text_len is {cfg.max_text_len}")
+        # one condition length per model (padding is masked out): static shapes for the compiled blocks
+        cond = cond.padded(cfg.max_text_len)
         t = self.text_proj(self.text_norm(cond.text.to(dtype)))
         start = self.cond_start.to(dtype).expand(t.shape[0], 1, -1)
         valid = torch.cat([torch.ones_like(cond.text_mask[:, :1]), cond.text_mask], dim=1)
         return torch.cat([start, t], dim=1), valid
 
     # ------------------------------------------------------------------ core
+    def _padding(self, valid_BS: torch.Tensor) -> torch.Tensor | None:
+        """Key validity for the masks, or None where no key can be padding (class condition)."""
+        return valid_BS if self.config.cond == "text" else None
+
+    def compile_blocks(self, fullgraph: bool = True, **compile_kw) -> FullyMaskedTransformer:
+        """Compile each encoder/decoder block in place (``nn.Module.compile``, torchtitan's per-block
+        scheme: parameter names and state dict keys stay as they are, all blocks of a kind share one
+        graph). Shapes are static within a bucket (all N tokens are encoded, text is padded to
+        ``max_text_len``; a static KV cache when sampling), so a bucket compiles once (a grid of a new
+        token count compiles once more). Flex attention is compiled inside the blocks: fused kernels
+        on CUDA, inductor's C++ kernels on the CPU (forward only: torch has no CPU flex backward)."""
+        from sar_scale.models.layers import allow_block_recompiles
+
+        allow_block_recompiles()
+        for blk in (*self.encoder, *self.decoder):
+            blk.compile(fullgraph=fullgraph, **compile_kw)
+        self.compiled = True
+        return self
+
     def _run(self, blk: nn.Module, *args):
         if self.activation_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(blk, *args, use_reentrant=False)
@@ -200,9 +232,10 @@ class FullyMaskedTransformer(nn.Module):
         if self.config.attn_impl == "flex":
             enc_mask, self_mask, cross_mask = _flex_masks(enc_set, valid, dec_set_T)
         else:
-            enc_mask = _key_mask(valid, enc_set[None, :] <= enc_set[:, None])
+            pad = self._padding(valid)
+            enc_mask = _key_mask(pad, enc_set[None, :] <= enc_set[:, None])
             self_mask = dec_set_T[None, :] == dec_set_T[:, None]
-            cross_mask = _key_mask(valid, enc_set[None, :] < dec_set_T[:, None])
+            cross_mask = _key_mask(pad, enc_set[None, :] < dec_set_T[:, None])
         for blk in self.encoder:
             x = self._run(blk, x, rope_e, enc_mask)
         enc_out = self.enc_norm(x)
@@ -224,15 +257,20 @@ class FullyMaskedTransformer(nn.Module):
         seq = torch.gather(tokens_BN, 1, order)
         pos = plan.positions(tokens_BN.device)
         set_ids = plan.set_ids(tokens_BN.device)
-        m = n - plan.set_sizes[-1]  # the last set is never context
-        logits_seq = self.forward_seq(cond, seq[:, :m], pos[:, :m], set_ids[:m], pos, set_ids, plan.grid)
+        # All N tokens are encoded, the last set too although no target reads it (its set id is the
+        # largest: the set-causal encoder mask keeps it out of every earlier token's keys and the cross
+        # mask out of every target's). Its ~N/K extra tokens buy one encoder length per grid, whatever
+        # the plan: one compiled graph (and one flex kernel) per bucket instead of one per last-set size.
+        logits_seq = self.forward_seq(cond, seq, pos, set_ids, pos, set_ids, plan.grid)
         logits = torch.empty_like(logits_seq)
         return logits.scatter_(1, order.unsqueeze(-1).expand_as(logits_seq), logits_seq)
 
     # ------------------------------------------------------------------ incremental inference
     @torch.no_grad()
-    def init_cache(self, cond: Condition, grid: tuple[int, int]) -> KVCache:
-        """Allocate the cache for ``grid`` and encode the condition tokens (the context of the first set)."""
+    def init_cache(self, cond: Condition, grid: tuple[int, int], static: bool | None = None) -> KVCache:
+        """Allocate the cache for ``grid`` and encode the condition tokens (the context of the first set).
+
+        ``static`` (default: whether the blocks are compiled): see :class:`KVCache`."""
         c_BCD, valid = self.embed_condition(cond)
         b, c, _ = c_BCD.shape
         cfg, dev = self.config, c_BCD.device
@@ -241,11 +279,13 @@ class FullyMaskedTransformer(nn.Module):
         shape = (b, cfg.heads, c + grid[0] * grid[1], cfg.head_dim)
 
         def buffers(n: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-            return [(torch.empty(shape, device=dev, dtype=dtype), torch.empty(shape, device=dev, dtype=dtype))
+            # zeroed: a static cache attends over unwritten keys (masked: weight 0, but 0 * NaN is NaN)
+            return [(torch.zeros(shape, device=dev, dtype=dtype), torch.zeros(shape, device=dev, dtype=dtype))
                     for _ in range(n)]
 
         cache = KVCache(enc=buffers(cfg.enc_layers), cross=buffers(cfg.dec_layers),
-                        valid_BS=torch.zeros(b, shape[2], dtype=torch.bool, device=dev), grid=grid)
+                        valid_BS=torch.zeros(b, shape[2], dtype=torch.bool, device=dev), grid=grid,
+                        static=self.compiled if static is None else static)
         self._extend(cache, c_BCD, torch.zeros(b, c, 2, device=dev), valid)
         return cache
 
@@ -262,12 +302,17 @@ class FullyMaskedTransformer(nn.Module):
                              f"{end} were asked for")
         rope = self.rope.cos_sin(pos_BS2, cache.grid, x.dtype)
         cache.valid_BS[:, start:end] = valid_BS
-        mask = _key_mask(cache.valid_BS[:, :end], None)
+        if cache.static:  # whole buffer, unwritten keys masked; written at an index tensor
+            where: int | torch.Tensor = torch.arange(start, end, device=x.device)
+            mask = _key_mask(cache.valid_BS, None)
+        else:
+            where = start
+            mask = _key_mask(self._padding(cache.valid_BS[:, :end]), None)
         for i, blk in enumerate(self.encoder):
-            x = blk(x, rope, mask, (*cache.enc[i], start))
+            x = blk(x, rope, mask, (*cache.enc[i], where))
         enc_out = self.enc_norm(x)
         for j, blk in enumerate(self.decoder):
-            write_kv(*cache.cross[j], start, *blk.cross_attn.project_kv(enc_out, rope))
+            write_kv(*cache.cross[j], where, *blk.cross_attn.project_kv(enc_out, rope))
         cache.length = end
 
     @torch.no_grad()
@@ -275,8 +320,8 @@ class FullyMaskedTransformer(nn.Module):
         """Logits ``[B, T, V]`` for the targets of the next set (they see each other and the cache)."""
         dtype = self.tok_emb.weight.dtype
         rope = self.rope.cos_sin(pos_BT2, cache.grid, dtype)
-        n = cache.length
-        cross_mask = _key_mask(cache.keys_valid(), None)
+        n = cache.capacity if cache.static else cache.length
+        cross_mask = _key_mask(cache.valid_BS if cache.static else self._padding(cache.keys_valid()), None)
         y = self._targets(pos_BT2, cache.grid, dtype)
         for j, blk in enumerate(self.decoder):
             k, v = cache.cross[j]

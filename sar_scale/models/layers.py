@@ -43,7 +43,11 @@ class Rope2D:
                 base = base * float(scale.max()) ** (2 * n_ax / max(2 * n_ax - 2, 1))
         freqs = base ** (-torch.arange(n_ax, device=pos.device, dtype=torch.float32) / n_ax)
         ang = torch.cat([pos[..., :1] * freqs, pos[..., 1:] * freqs], dim=-1)  # [B, T, E/2]
-        return ang.cos().unsqueeze(1).to(dtype), ang.sin().unsqueeze(1).to(dtype)  # [B, 1, T, E/2]
+        cos, sin = ang.cos().unsqueeze(1), ang.sin().unsqueeze(1)  # [B, 1, T, E/2]
+        # laid out for apply_rope's pairs (x0, x1): cos per element, sin signed -s for x0 and +s for x1
+        cos2 = cos.repeat_interleave(2, dim=-1)
+        sin2 = torch.stack([-sin, sin], dim=-1).flatten(-2)
+        return cos2.to(dtype), sin2.to(dtype)  # [B, 1, T, E]
 
 
 def sincos_2d(pos_BT2: torch.Tensor, dim: int) -> torch.Tensor:
@@ -73,30 +77,57 @@ def frac_positions(pos_BT2: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor
     return (pos_BT2.float() + 0.5) / size * FRAC_POS_SCALE
 
 
-def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, start: int, k: torch.Tensor, v: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def write_kv(k_buf: torch.Tensor, v_buf: torch.Tensor, start: int | torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Write a set's K/V ``[B, H, T, E]`` into preallocated cache buffers at ``start``; return the
-    buffers' filled part, keys [0, start + T)."""
+    buffers' filled part, keys [0, start + T). With ``start`` an index tensor ``[T]`` (static cache)
+    the K/V go to those slots and the whole buffers are returned (shapes independent of the step)."""
+    if isinstance(start, torch.Tensor):
+        k_buf.index_copy_(2, start, k)
+        v_buf.index_copy_(2, start, v)
+        return k_buf, v_buf
     end = start + k.shape[2]
     k_buf[:, :, start:end], v_buf[:, :, start:end] = k, v
     return k_buf[:, :, :end], v_buf[:, :, :end]
 
 
 def apply_rope(x_BHTE: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    x = x_BHTE.unflatten(-1, (-1, 2))
-    x0, x1 = x[..., 0], x[..., 1]
-    return torch.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], dim=-1).flatten(-2)
+    """Rotate each pair (x0, x1) of the head dim: (x0 c - x1 s, x1 c + x0 s), with ``cos``/``sin`` from
+    :meth:`Rope2D.cos_sin` (``[c, c]`` and ``[-s, s]`` per pair). Written as x * cos + swap(x) * sin,
+    elementwise, with no stack: inductor's CPU flex-attention template cannot take a stacked view
+    as its query (a lowering error), and the products and sums are the same as the stacked form's."""
+    swapped = x_BHTE.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0) per pair
+    return x_BHTE * cos + swapped * sin
 
 
 _FLEX = None
 
 
 def _flex_attention():
-    """flex_attention, compiled on CUDA (fused kernels that skip fully-masked blocks); eager elsewhere."""
+    """flex_attention: traced as is inside a compiled block (the block's graph fuses it, on CPU too);
+    called from eager code, compiled on CUDA (fused kernels that skip fully-masked blocks) and eager
+    elsewhere (forward only: eager flex has no backward on CPU, see training.config)."""
     global _FLEX
+    if torch.compiler.is_compiling():
+        return flex_attention
     if _FLEX is None:
         _FLEX = torch.compile(flex_attention, dynamic=False) if torch.cuda.is_available() else flex_attention
     return _FLEX
+
+
+BLOCK_RECOMPILE_LIMIT = 64
+
+
+def allow_block_recompiles(limit: int = BLOCK_RECOMPILE_LIMIT) -> None:
+    """Raise dynamo's per-function recompile limit for the compiled blocks.
+
+    Every encoder (decoder) block shares one code object, hence one cache of graphs, and each bucket
+    grid, train/eval mode and KV-cache step kind adds an entry; past the default limit (8) dynamo
+    silently falls back to eager for the rest of the run, the failure this project compiles to avoid."""
+    cfg = torch._dynamo.config
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    if getattr(cfg, name) < limit:
+        setattr(cfg, name, limit)
 
 
 class Attention(nn.Module):
@@ -125,6 +156,8 @@ class Attention(nn.Module):
                rope_q: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | BlockMask | None) -> torch.Tensor:
         q = apply_rope(self.q_norm(self._split(self.wq(x_BTD))), *rope_q)
         if isinstance(mask, BlockMask):
+            if torch.compiler.is_compiling():  # inductor's CPU flex template takes plain buffers, not views
+                q, k_BHSE, v_BHSE = q.contiguous(), k_BHSE.contiguous(), v_BHSE.contiguous()
             out = _flex_attention()(q, k_BHSE, v_BHSE, block_mask=mask)
         else:
             out = F.scaled_dot_product_attention(q, k_BHSE, v_BHSE, attn_mask=mask)

@@ -77,6 +77,15 @@ class Condition:
         return Condition(text=self.text.to(device, dtype=dtype or self.text.dtype),
                          text_mask=self.text_mask.to(device))
 
+    def padded(self, length: int) -> Condition:
+        """Text padded with masked-out zero tokens to ``length`` (class conditions are returned as is)."""
+        if self.text is None or self.text.shape[1] >= length:
+            return self
+        b, n, d = self.text.shape
+        text = torch.cat([self.text, self.text.new_zeros(b, length - n, d)], dim=1)
+        mask = torch.cat([self.text_mask, self.text_mask.new_zeros(b, length - n)], dim=1)
+        return Condition(text=text, text_mask=mask)
+
     def _apply_keep(self, keep_B: torch.Tensor) -> Condition:
         if self.class_ids is not None:
             return Condition(class_ids=torch.where(keep_B, self.class_ids, torch.full_like(self.class_ids, -1)))

@@ -24,6 +24,9 @@ class ModelSection(StrictModel):
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="FMTConfig field overrides, e.g. {vocab_size: 1024}")
     activation_checkpointing: bool = Field(False, description="recompute each block in backward")
+    compile: bool = Field(False, description="torch.compile each encoder/decoder block (torchtitan-style "
+                          "per-block compile; shapes are static per bucket, so a bucket compiles once); "
+                          "flex attention is compiled inside the blocks (CUDA; on the CPU forward only)")
 
 
 class DataSection(StrictModel):
@@ -201,6 +204,34 @@ class TrainConfig(StrictModel):
         if self.data.cond == "text_encoder" and not self.data.text_encoder:
             raise ValueError("data.text_encoder must be a local directory when data.cond=text_encoder")
         return self
+
+    @model_validator(mode="after")
+    def _trainable(self) -> TrainConfig:
+        """Refuse, at load time, model/device/compile combinations that cannot take a training step."""
+        from sar_scale.models import get_config
+
+        try:
+            model_cfg = get_config(self.model.name, **self.model.overrides)
+        except ValueError as e:
+            raise ValueError(f"model: {e}") from None
+        if model_cfg.attn_impl == "flex" and self.on_cpu():
+            raise ValueError(
+                "model.overrides.attn_impl=flex cannot train on the CPU: torch has no flex-attention backward "
+                "there, eager ('FlexAttention does not support backward on CPU') or compiled (inductor's CPU "
+                "flex kernels are forward only). Use model.overrides.attn_impl=sdpa (the same logits; "
+                "model.compile=true compiles it), or device=cuda")
+        if self.model.compile and self.deepspeed.zero_stage == 3:
+            raise ValueError(
+                "model.compile=true with deepspeed.zero_stage=3 is not supported: ZeRO-3 gathers each "
+                "block's parameters in module hooks that would run inside the compiled block graphs. "
+                "Use deepspeed.zero_stage 0, 1 or 2 with compile, or model.compile=false with ZeRO-3")
+        return self
+
+    def on_cpu(self) -> bool:
+        """Whether this run's device resolves to the CPU (``auto`` without CUDA)."""
+        from sar_scale.distributed.init import resolve_device
+
+        return self.device != "cuda" and resolve_device(self.device) == "cpu"
 
     @property
     def total_steps(self) -> int:

@@ -145,6 +145,8 @@ class Trainer:
         model = build_model(self.cfg.model.name, **over)
         if self.cfg.model.activation_checkpointing:
             model.enable_activation_checkpointing()
+        if self.cfg.model.compile:
+            model.compile_blocks()
         return model
 
     def _param_groups(self, model) -> list[dict[str, Any]]:
@@ -450,7 +452,7 @@ class Trainer:
                         gn0 = torch.nn.utils.get_total_norm(
                             [p.grad for p in engine.module.parameters() if p.grad is not None])
                     engine.step()
-                    micro_losses.append(float(loss.detach()))
+                    micro_losses.append(loss.detach())  # read once per step below, not once per micro step
                     tokens += b * n
                     samples += b
                     n_cond = 1 if self.model_cfg.cond == "class" else 1 + (cond.text.shape[1] if cond.text is not None else 0)
@@ -464,8 +466,10 @@ class Trainer:
                 if ema is not None and (self.global_step + 1) % cfg.ema.every == 0:
                     ema.update()
                 self.global_step += 1
-                # one collective for the metrics of the step: micro losses, tokens, samples, flops
-                red = comm.all_reduce_sum([*micro_losses, tokens, samples, flops])
+                # one device->host read of the step's micro losses (a float() per micro step made the host
+                # wait for each micro step's kernels before it could queue the next one), then one
+                # collective for the metrics of the step: micro losses, tokens, samples, flops
+                red = comm.all_reduce_sum([*torch.stack(micro_losses).tolist(), tokens, samples, flops])
                 w = denv.world_size
                 step_losses = [x / w for x in red[:ga]]
                 loss_v = sum(step_losses) / ga

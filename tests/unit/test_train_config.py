@@ -219,3 +219,28 @@ def test_default_mlflow_run_name_names_the_recipe_and_stages():
     assert default_run_name(c) == "ar-lab: debug raster-ar a+b"
     c = cfg(**{"plan.orders": "{random: 1.0, raster: 0.0}", "plan.num_sets": "[8, 16]", "plan.intervals": "{cosine: 1.0}"})
     assert default_run_name(c).split(": ", 1)[1] == "debug random-8+16-cosine a+b"
+
+
+def test_untrainable_attention_compile_combinations_refused_at_load():
+    """flex has no CPU backward (eager or compiled) and compile does not go with ZeRO-3's hooks: refused
+    when the config is loaded, naming what works, instead of a traceback at the first step."""
+    with pytest.raises(ConfigError, match="attn_impl=sdpa"):
+        cfg(**{"device": "cpu", "model.overrides": "{attn_impl: flex}"})
+    with pytest.raises(ConfigError, match="attn_impl=sdpa"):
+        load_config(TrainConfig, REPO / "configs/t2i_900m/stage1_256.yaml", ["device=cpu"])
+    c = load_config(TrainConfig, REPO / "configs/t2i_900m/stage1_256.yaml",
+                    ["device=cpu", "model.overrides.attn_impl=sdpa"])
+    assert c.model.compile and c.model.overrides["attn_impl"] == "sdpa"
+    assert cfg(**{"device": "cuda", "model.overrides": "{attn_impl: flex}"}).device == "cuda"
+    with pytest.raises(ConfigError, match="zero_stage 0, 1 or 2"):
+        cfg(**{"model.compile": "true", "deepspeed.zero_stage": 3})
+    with pytest.raises(ConfigError, match="unknown model size"):
+        cfg(**{"model.name": "fmt-xxl"})
+
+
+def test_model_compile_compiles_the_blocks():
+    from sar_scale.training.trainer import Trainer
+
+    model = Trainer(cfg(**{"model.compile": "true"}))._build_model(0)
+    assert model.compiled and all(b._compiled_call_impl is not None for b in (*model.encoder, *model.decoder))
+    assert not Trainer(cfg())._build_model(0).compiled
