@@ -3,6 +3,11 @@ no cache, recompute), same weights, one run. Prints JSON (ratios included) and a
 the SAR time goes.
 
     python benchmarks/bench_sampling.py --model fmt-b --tokens 256 1024 --steps 64
+    python benchmarks/bench_sampling.py --model fmt-b --tokens 256 --variants eager compiled
+    python benchmarks/bench_sampling.py --model fmt-b --tokens 256 --batch 16 --steps 16 32 --variants eager compiled
+
+``compiled``: the same weights with compiled blocks and the static KV cache; every plan is run once
+untimed first (the compile), then timed. Several ``--steps`` give one SAR row each.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="fmt-b", help="named size (fmt-b = ~125M params)")
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024], help="N = h*w (square grids)")
-    ap.add_argument("--steps", type=int, default=64, help="SAR steps (sets)")
+    ap.add_argument("--steps", type=int, nargs="+", default=[64], help="SAR steps (sets); several -> a row each")
+    ap.add_argument("--variants", nargs="+", default=["eager"], choices=["eager", "compiled"])
+    ap.add_argument("--skip-ar-above", type=int, default=1 << 30, help="skip the AR run above this N")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--cfg", type=float, default=1.0, help="CFG scale (!= 1 doubles the batch)")
     ap.add_argument("--repeats", type=int, default=1)
@@ -54,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(args.model).eval()
+    models = {"eager": build_model(args.model).eval()}
+    if "compiled" in args.variants:
+        models["compiled"] = build_model(args.model).eval()
+        models["compiled"].load_state_dict(models["eager"].state_dict())
+        models["compiled"].compile_blocks()
+    model = models["eager"]
     cond = Condition(class_ids=torch.zeros(args.batch, dtype=torch.long))
     out = {"model": args.model, "params_M": round(model.num_parameters() / 1e6, 1), "batch": args.batch,
            "cfg": args.cfg, "device": "cpu", "threads": torch.get_num_threads(), "machine": platform.processor(),
@@ -63,25 +75,54 @@ def main(argv: list[str] | None = None) -> int:
         side = int(math.isqrt(n))
         assert side * side == n, "tokens must be a square number"
         grid = (side, side)
-        k = min(args.steps, n)
-        ar = SetPlan.build(grid, order="raster", intervals="ar")
-        sar = SetPlan.build(grid, order="random", num_sets=k, intervals="cosine", batch_size=args.batch, seed=0)
+        for variant in args.variants:
+            m = models[variant]
 
-        def run(plan, kv):
-            return lambda: sample(model, cond, plan, cfg_scale=args.cfg, kv_cache=kv,
-                                  generator=torch.Generator().manual_seed(0))
+            def run(plan, kv, m=m):
+                return lambda: sample(m, cond, plan, cfg_scale=args.cfg, kv_cache=kv,
+                                      generator=torch.Generator().manual_seed(0))
 
-        row = {"tokens": n, "grid": list(grid), "sar_steps": k}
-        row["ar_kv_s"] = _time(run(ar, True), args.repeats)
-        row["sar_kv_s"] = _time(run(sar, True), args.repeats)
-        if n <= args.skip_nocache_above:
-            row["sar_nocache_s"] = _time(run(sar, False), args.repeats)
-            row["nocache_over_cache"] = round(row["sar_nocache_s"] / row["sar_kv_s"], 2)
-        row["ar_over_sar"] = round(row["ar_kv_s"] / row["sar_kv_s"], 2)
-        if args.profile:
-            row["sar_kv_profile"] = _profile(run(sar, True))
-        out["results"].append(row)
-        print(json.dumps(row), flush=True)
+            def timed(plan, kv, row, key, variant=variant):
+                if variant == "compiled":  # the first run compiles
+                    t0 = time.perf_counter()
+                    run(plan, kv)()
+                    row[f"{key}_warmup_s"] = round(time.perf_counter() - t0, 3)
+                row[f"{key}_s"] = _time(run(plan, kv), args.repeats)
+                row[f"{key}_images_per_s"] = round(args.batch / row[f"{key}_s"], 3)
+
+            ar = SetPlan.build(grid, order="raster", intervals="ar")
+            base = {"tokens": n, "grid": list(grid), "variant": variant}
+            if n <= args.skip_ar_above:
+                row = dict(base)
+                timed(ar, True, row, "ar_kv")
+                out["results"].append(row)
+                print(json.dumps(row), flush=True)
+            for steps in args.steps:
+                k = min(steps, n)
+                sar = SetPlan.build(grid, order="random", num_sets=k, intervals="cosine", batch_size=args.batch, seed=0)
+                row = {**base, "sar_steps": k}
+                timed(sar, True, row, "sar_kv")
+                if n <= args.skip_nocache_above:
+                    timed(sar, False, row, "sar_nocache")
+                    row["nocache_over_cache"] = round(row["sar_nocache_s"] / row["sar_kv_s"], 2)
+                ar_row = next((r for r in out["results"] if r["tokens"] == n and r["variant"] == variant
+                               and "ar_kv_s" in r), None)
+                if ar_row is not None:
+                    row["ar_over_sar"] = round(ar_row["ar_kv_s"] / row["sar_kv_s"], 2)
+                if args.profile:
+                    row["sar_kv_profile"] = _profile(run(sar, True))
+                out["results"].append(row)
+                print(json.dumps(row), flush=True)
+        if len(args.variants) == 2:
+            rows = [r for r in out["results"] if r["tokens"] == n]
+            for key in ("ar_kv_s", "sar_kv_s"):
+                for steps in ([None] if key == "ar_kv_s" else args.steps):
+                    sel = {v: next((r[key] for r in rows if r["variant"] == v and key in r
+                                    and (steps is None or r.get("sar_steps") == min(steps, n))), None)
+                           for v in ("eager", "compiled")}
+                    if None not in sel.values():
+                        name = f"{key[:-2]}{'' if steps is None else steps}_compiled_speedup"
+                        out.setdefault("speedups", {})[f"{n}:{name}"] = round(sel["eager"] / sel["compiled"], 2)
     print(json.dumps(out, indent=2))
     return 0
 

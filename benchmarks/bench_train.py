@@ -44,6 +44,81 @@ def matmul_flops(n: int = 1024, seconds: float = 2.0) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
+def peak_two_ranks(seconds: float = 1.0, repeats: int = 5, n: int = 512) -> dict:
+    """The matmul peak the way 2 ranks run: two processes, one thread each, measuring at the same time;
+    each reports the median of ``repeats`` windows. The sum is the denominator of a 2-rank MFU, a
+    process's median that of a 1-thread rank (a single process's all-thread peak varies 2x with load)."""
+    code = ("import json,statistics,sys,torch; torch.set_num_threads(1); "
+            f"sys.path.insert(0, {str(Path(__file__).parent)!r}); from bench_train import matmul_flops; "
+            f"print(json.dumps(statistics.median(matmul_flops({n}, {seconds}) for _ in range({repeats}))))")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    per = [float(p.communicate(timeout=600)[0].strip().splitlines()[-1]) for p in procs]
+    return {"per_rank_flops_per_s": per, "sum_flops_per_s": sum(per), "repeats": repeats, "n": n}
+
+
+def bench_compile(model: str, grid, mb: int, steps: int, grad_accum: int = 2) -> dict:
+    """Plain PyTorch loops, eager vs compiled blocks (inductor), round-robin on the same batches (so
+    load from other processes hits both alike): median step time and achieved FLOP/s; and the host
+    syncs: a float(loss) after every micro step vs one read of all micro losses per step."""
+    import statistics
+
+    import torch
+
+    from sar_scale.models import build_model
+    from sar_scale.sar import set_ar_loss
+    from sar_scale.training.trainer import train_flops_per_sample
+
+    torch.manual_seed(0)
+    models = {"eager": build_model(model)}
+    models["compiled"] = build_model(model)
+    models["compiled"].load_state_dict(models["eager"].state_dict())
+    models["compiled"].compile_blocks()
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+
+    def run(key, micro_batches, sync_each):
+        m, opt = models[key], opts[key]
+        losses = []
+        for tok, cond, plan in micro_batches:
+            loss = set_ar_loss(m(tok, cond, plan), tok) / len(micro_batches)
+            loss.backward()
+            losses.append(float(loss.detach()) if sync_each else loss.detach())
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return losses if sync_each else torch.stack(losses).tolist()
+
+    cfg = models["eager"].config
+    variants = {"eager": ("eager", False), "compiled": ("compiled", False),
+                "compiled_sync_each_micro": ("compiled", True)}
+    times = {k: [] for k in variants}
+    warm = {}
+    for i in range(steps + 1):
+        mbs = [_batch(cfg, grid, mb, 100 * i + j) for j in range(grad_accum)]
+        for k, (key, sync_each) in variants.items():
+            t0 = time.perf_counter()
+            run(key, mbs, sync_each)
+            if i:
+                times[k].append(time.perf_counter() - t0)
+            else:  # the first step is warm-up (and the compile)
+                warm[k] = time.perf_counter() - t0
+    n = grid[0] * grid[1]
+    n_params = models["eager"].num_parameters()
+    n_embed = sum(x.weight.numel() for x in models["eager"].modules() if isinstance(x, torch.nn.Embedding))
+    n_cond = 1 if cfg.cond == "class" else 1 + cfg.max_text_len
+    step_flops = grad_accum * mb * train_flops_per_sample(cfg, n, n_cond, n_params, n_embed)
+    out = {"model": model, "grid": list(grid), "micro_batch": mb, "grad_accum": grad_accum, "steps_timed": steps,
+           "warmup_s": warm}
+    for k, v in times.items():
+        med = statistics.median(v)
+        out[f"{k}_step_s_median"] = med
+        out[f"{k}_achieved_flops_per_s"] = step_flops / med
+    out["compiled_speedup"] = out["eager_step_s_median"] / out["compiled_step_s_median"]
+    out["sync_each_micro_over_once_per_step"] = (out["compiled_sync_each_micro_step_s_median"]
+                                                 / out["compiled_step_s_median"])
+    return out
+
+
 def live_tensor_bytes() -> int:
     """Bytes of every distinct tensor storage alive in this process (params, grads, optimizer state)."""
     import warnings
@@ -293,6 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=4, help="timed steps (after one warm-up step)")
     p.add_argument("--skip-memory", action="store_true")
     p.add_argument("--skip-overhead", action="store_true")
+    p.add_argument("--skip-trainer", action="store_true")
+    p.add_argument("--compile", action="store_true", help="also eager vs compiled blocks (plain loops, inductor)")
+    p.add_argument("--peak-only", action="store_true", help="only the matmul peaks (1 process, and 2 ranks)")
     p.add_argument("--worker-zero-memory", nargs=4, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker_zero_memory:
@@ -319,7 +397,16 @@ def _run_all(a) -> dict:
               "load_avg_1m_start": os.getloadavg()[0], "torch": torch.__version__}
     peak = matmul_flops()
     result["matmul_fp32_flops_per_s"] = peak
-    result["trainer"] = bench_trainer(a.model, grid, a.micro_batch, a.steps, peak)
+    result["peak_two_ranks"] = two = peak_two_ranks()
+    if a.peak_only:
+        return result
+    if not a.skip_trainer:
+        result["trainer"] = bench_trainer(a.model, grid, a.micro_batch, a.steps, peak)
+        result["trainer"]["cpu_mfu_vs_two_rank_peak"] = result["trainer"]["achieved_flops_per_s"] / two["sum_flops_per_s"]
+    if a.compile:
+        result["compile"] = c = bench_compile(a.model, grid, a.micro_batch, a.steps)
+        for k in ("eager", "compiled"):
+            c[f"{k}_mfu_vs_two_rank_peak"] = c[f"{k}_achieved_flops_per_s"] / two["sum_flops_per_s"]
     if not a.skip_overhead:
         result["overhead"] = bench_overhead(a.model, grid, a.micro_batch, a.steps)
     if not a.skip_memory:
