@@ -67,8 +67,8 @@ def bench_compile(model: str, grid, mb: int, steps: int, grad_accum: int = 2) ->
     import torch
 
     from sar_scale.models import build_model
+    from sar_scale.models.flops import model_shape, train_flops_per_sample
     from sar_scale.sar import set_ar_loss
-    from sar_scale.training.trainer import train_flops_per_sample
 
     torch.manual_seed(0)
     models = {"eager": build_model(model)}
@@ -103,10 +103,8 @@ def bench_compile(model: str, grid, mb: int, steps: int, grad_accum: int = 2) ->
             else:  # the first step is warm-up (and the compile)
                 warm[k] = time.perf_counter() - t0
     n = grid[0] * grid[1]
-    n_params = models["eager"].num_parameters()
-    n_embed = sum(x.weight.numel() for x in models["eager"].modules() if isinstance(x, torch.nn.Embedding))
-    n_cond = 1 if cfg.cond == "class" else 1 + cfg.max_text_len
-    step_flops = grad_accum * mb * train_flops_per_sample(cfg, n, n_cond, n_params, n_embed)
+    n_cond = 1 if cfg.cond == "class" else 1 + 16  # _batch's 16 text tokens (padding is not model work)
+    step_flops = grad_accum * mb * train_flops_per_sample(model_shape(model), n, n_cond)
     out = {"model": model, "grid": list(grid), "micro_batch": mb, "grad_accum": grad_accum, "steps_timed": steps,
            "warmup_s": warm}
     for k, v in times.items():

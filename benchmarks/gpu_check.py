@@ -114,10 +114,10 @@ def _datasheet(dev: torch.device) -> float | None:
 
 def _train_variant(dev, name, overrides, grid, batch, steps, ckpt, compiled, deadline, peak, datasheet) -> dict:
     """One training variant: warm-up step (compiles), then timed steps until ``steps`` or ``deadline``."""
-    from cluster.plan import activation_bytes, flops_per_sample, model_shape, zero_state_bytes
     from sar_scale.models import build_model
+    from sar_scale.models.flops import model_shape, train_flops_per_sample
     from sar_scale.sar import Condition, SetPlan, set_ar_loss
-    from sar_scale.training.config import ModelSection
+    from sar_scale.training.sizing import activation_bytes, zero_state_bytes
 
     n = grid[0] * grid[1]
     torch.manual_seed(0)
@@ -127,7 +127,7 @@ def _train_variant(dev, name, overrides, grid, batch, steps, ckpt, compiled, dea
     if compiled:
         model.compile_blocks(backend=BACKEND)
     cfg = model.config
-    shape = model_shape(ModelSection(name=name, overrides=overrides))
+    shape = model_shape(name, **overrides)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.type == "cuda")
     g = torch.Generator().manual_seed(0)
     tok = torch.randint(0, cfg.vocab_size, (batch, n), generator=g).to(dev)
@@ -161,7 +161,7 @@ def _train_variant(dev, name, overrides, grid, batch, steps, ckpt, compiled, dea
             break
     _sync(dev)
     dt = (time.perf_counter() - t0) / done
-    fl = flops_per_sample(shape, n) * batch / dt
+    fl = train_flops_per_sample(shape, n, 1 + cfg.max_text_len // 2 if cfg.cond == "text" else 1) * batch / dt
     row = {"model": name, "grid": list(grid), "batch": batch, "warmup_s": round(warm_s, 2),
            "step_s": round(dt, 4), "steps_timed": done, "tokens_per_s": round(batch * n / dt, 1),
            "flops_per_s": fl, "mfu_measured_peak": round(fl / peak, 4),

@@ -60,7 +60,7 @@ def train_flops_per_sample(s: ModelShape, n: int, cond_tokens: int | None = None
     """Model FLOPs (forward + backward = 3 x forward) for one image of ``n`` tokens whose condition
     context is ``cond_tokens`` long (default: the longest, ``s.cond_tokens``)."""
     c = s.cond_tokens if cond_tokens is None else cond_tokens
-    enc_seq = c + n  # condition + encoded image tokens (all but the last set ~ n)
+    enc_seq = c + n  # condition + the encoded image tokens (all n: the encoder sees the last set too)
     fwd = 2.0 * (s.enc_linear * enc_seq + s.dec_linear * n + s.cross_kv_linear * enc_seq
                  + s.head * n + s.pos_proj * 2 * n + s.text_proj * max(0, c - 1))
     fwd += 0.5 * 4.0 * s.width * enc_seq * enc_seq * s.enc_layers  # set-causal self-attention
