@@ -297,7 +297,7 @@ class Evaluator:
 
         base: list = list(range(nc)) if nc else self._prompts()
         conds = [base[int(j)] for j in np.random.default_rng(self.ev.seed).permutation(len(base))]
-        hits: list[bool] = []
+        hits: list[dict[str, bool]] = []
         keep: list = []
         gen_s = 0.0
 
@@ -311,7 +311,8 @@ class Evaluator:
 
                 for i, im in zip(idx, ims):
                     want = names[int(conds[i % len(conds)])]
-                    hits.append(bool(want) and score(detect(im), *class_attrs(want))["all"])
+                    sc = score(detect(im), *class_attrs(want)) if want else dict.fromkeys(ATTRS, False)
+                    hits.append({k: bool(sc[k]) for k in ATTRS})
             if len(keep) < self.ev.grid_images:
                 keep.extend(ims[: self.ev.grid_images - len(keep)])
             return ims
@@ -335,8 +336,10 @@ class Evaluator:
             lo = done + (c - c0) * bs
             chunk(c, list(range(lo, min(n, lo + bs))))
         row["s_per_image"] = round(gen_s / n, 5)
-        if names is not None:
-            row["accuracy"] = sum(hits) / len(hits)
+        if names is not None:  # all three attributes right, and each one (the detector's view of the class)
+            row["accuracy"] = sum(h["all"] for h in hits) / len(hits)
+            for k in ("color", "shape", "position"):
+                row[f"acc_{k}"] = sum(h[k] for h in hits) / len(hits)
         if name in nll:
             row["nll"] = nll[name]
         if keep:
@@ -345,7 +348,7 @@ class Evaluator:
             image_grid(keep, cols=15).save(grid_png)
             row["grid_png"] = str(grid_png)
         if elog is not None:
-            metrics = {f"eval/{name}/{k}": row[k] for k in ("fid", "is", "accuracy", "nll", "s_per_image") if k in row}
+            metrics = {f"eval/{name}/{k}": row[k] for k in ("fid", "is", "accuracy", "acc_position", "nll", "s_per_image") if k in row}
             elog.log_metrics(metrics)
             if keep:
                 elog.log_file(grid_png, f"eval/{name}")
@@ -360,15 +363,17 @@ class Evaluator:
 # ----------------------------------------------------------------------------- results
 
 
+ATTRS = ("color", "shape", "position", "all")
 COLUMNS = [("recipe", "recipe"), ("seed", "seed"), ("plan", "plan"), ("steps", "steps"), ("fid", "FID"),
            ("n_generated", "N gen"), ("n_reference", "N real"), ("is", "IS"), ("accuracy", "class acc."),
+           ("acc_color", "color"), ("acc_shape", "shape"), ("acc_position", "position"),
            ("nll", "NLL"), ("s_per_image", "s/image")]
 
 
 def _fmt(v: Any, key: str) -> str:
     if v is None:
         return "-"
-    if key == "accuracy":
+    if key == "accuracy" or key.startswith("acc_"):
         return f"{100 * v:.1f}%"
     if key == "s_per_image":
         return f"{v:.4f}"
