@@ -37,7 +37,9 @@ class InputConfig(StrictModel):
     (``<id>#flip``, ``extra.flip``), as LlamaGen/MAR pre-tokenize flips. Off for data where left/right
     is part of the label (shapes positions)."""
     files_per_unit: int = Field(256, ge=1)
-    """Inputs per scan task (folder/manifest); one task per tar for webdataset inputs."""
+    """Inputs per scan task for folders; one task per tar (webdataset) and per Parquet row group."""
+    manifest_chunk_bytes: int = Field(8 << 20, ge=1)
+    """JSONL manifests are scanned in byte ranges of this size (one scan task each)."""
 
 
 class DecodeConfig(StrictModel):
@@ -97,6 +99,11 @@ class TokenizeConfig(StrictModel):
     """Largest bucket aspect ratio (long/short)."""
     batch_size: int = Field(16, ge=1)
     """Images per VQ forward in a tokenizer actor."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the tokenizer actors run the VQ / text encoder / scorer: auto = cuda when the actor was
+    given a GPU (ray.actor_num_gpus > 0) and torch sees one, else cpu."""
+    load_threads: int = Field(2, ge=1)
+    """Threads per tokenizer actor that read + decode + resize the next batch while one is encoded."""
     dtype: Literal["float32", "bfloat16"] = "float32"
     """Autocast dtype of the VQ encoder convs (the codebook lookup is always fp32)."""
     text_encoder_path: str | None = None
@@ -130,6 +137,12 @@ class OutputConfig(StrictModel):
     """Short side of an optional JPEG thumbnail per sample (0 = none)."""
     overwrite: bool = False
     """Delete shards written by a different config instead of refusing to mix them."""
+    mode: Literal["create", "append"] = "create"
+    """create: the output holds this config's dataset (a rerun resumes / is a no-op); append: add this
+    run's inputs as new shards to the existing dataset, deduplicated against it (committed shards are
+    never touched; the same append rerun is a no-op)."""
+    s3_multipart_mb: int = Field(64, ge=5)
+    """S3 output: shards above this size are uploaded in parts of this size (S3's minimum is 5 MiB)."""
 
 
 class RayConfig(StrictModel):
@@ -144,11 +157,18 @@ class RayConfig(StrictModel):
     tokenize_actors: int = Field(1, ge=1)
     """Tokenizer actors (each loads the VQ once)."""
     actor_num_cpus: float = Field(1.0, gt=0)
-    """CPUs reserved per tokenizer actor (also its torch thread count, rounded up)."""
+    """CPUs reserved per tokenizer (shard writer) actor (also its torch thread count, rounded up)."""
+    actor_num_gpus: float = Field(0.0, ge=0)
+    """GPUs per tokenizer actor (e.g. 1, or 0.5 to pack two on a GPU); 0 = CPU."""
     load_num_cpus: float = Field(0.25, gt=0)
-    """CPUs per decode/resize task; fractional so tasks can still run beside the actors."""
+    """CPUs per dedup / planning task (the staging shuffles); fractional so they schedule on busy nodes."""
     scan_num_cpus: float = Field(0.5, gt=0)
-    """CPUs per scan (validate + hash) task."""
+    """CPUs per scan (read + validate + hash) task."""
+    partitions: int = Field(4, ge=1, le=4096)
+    """Hash/range partitions of the dedup and planning stages (one task each per stage); about
+    samples / 100k at scale."""
+    max_inflight: int = Field(0, ge=0)
+    """Scan tasks in flight at once (0 = 2 x the cluster's CPUs): bounds the driver's memory."""
     progress_bars: bool = False
     """Show Ray Data's own progress bars (ours are always shown)."""
 

@@ -13,7 +13,7 @@ import json
 import logging
 import posixpath
 import tarfile
-from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -67,34 +67,35 @@ def _input_root(path: str) -> Storage:
     return open_storage(path)
 
 
-def _chunks(records: list[dict[str, Any]], n: int) -> list[list[dict[str, Any]]]:
-    return [records[i: i + n] for i in range(0, len(records), n)]
-
-
-def enumerate_inputs(cfg: InputConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(scan units, early rejects). Units are deterministic for the same inputs."""
+def iter_units(cfg: InputConfig) -> Iterator[dict[str, Any]]:
+    """Scan units of the inputs, lazily and deterministically (same inputs -> same units in the same
+    order): folders and tar prefixes are listed page by page, manifests are split into Parquet row
+    groups / JSONL byte ranges that the scan tasks read. Nothing here grows with the input count."""
     if cfg.kind == "folder":
-        records, rejects = _folder_records(cfg)
-        return [{"kind": "records", "records": c} for c in _chunks(records, cfg.files_per_unit)], rejects
-    if cfg.kind == "imagefolder":
-        records, rejects = _imagefolder_records(cfg)
-        return [{"kind": "records", "records": c} for c in _chunks(records, cfg.files_per_unit)], rejects
-    if cfg.kind == "manifest":
-        records, rejects = _manifest_records(cfg)
-        return [{"kind": "records", "records": c} for c in _chunks(records, cfg.files_per_unit)], rejects
-    return [{"kind": "tar", "root": root, "key": key} for root, key in _tar_list(cfg.path)], []
+        yield from _folder_units(cfg)
+    elif cfg.kind == "imagefolder":
+        yield from _imagefolder_units(cfg)
+    elif cfg.kind == "manifest":
+        yield from _manifest_units(cfg)
+    else:
+        for root, key in _tar_list(cfg.path):
+            yield {"kind": "tar", "root": root, "key": key}
 
 
-def _folder_records(cfg: InputConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+def _folder_units(cfg: InputConfig) -> Iterator[dict[str, Any]]:
+    """Group a sorted listing into stems (image + same-stem caption) and chunk them into units.
+
+    Keys sharing the prefix ``stem + "."`` are contiguous in sorted order, so a stem is complete as soon
+    as the listing moves past that prefix: only the few open stems are held, never the listing."""
     st = _input_root(cfg.path)
-    by_stem: dict[str, list[str]] = defaultdict(list)
-    for key in st.list():
-        stem, ext = posixpath.splitext(key)
-        by_stem[stem].append(ext)
-    records, rejects = [], []
+    records: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    open_stems: dict[str, list[str]] = {}
     ignored = 0
-    for stem in sorted(by_stem):
-        exts = by_stem[stem]
+
+    def close(stem: str) -> None:
+        nonlocal ignored
+        exts = open_stems.pop(stem)
         lower = {e.lower(): e for e in exts}
         cap_ext = lower.get(CAPTION_EXT)
         images = sorted(e for e in exts if e.lower() in IMAGE_EXTS)
@@ -107,14 +108,30 @@ def _folder_records(cfg: InputConfig) -> tuple[list[dict[str, Any]], list[dict[s
                 rejects.append({"source_id": stem + cap_ext, "reason": "image_missing"})
             else:
                 ignored += len(exts)
-            continue
+            return
         for e in images:
             records.append({"source_id": stem + e, "img": {"root": st.root, "key": stem + e},
                             "cap": {"root": st.root, "key": stem + cap_ext} if cap_ext else None,
                             "caption": None, "extra": None})
+
+    def flush(final: bool) -> Iterator[dict[str, Any]]:
+        nonlocal records, rejects
+        while len(records) >= cfg.files_per_unit or (final and (records or rejects)):
+            unit = {"kind": "records", "records": records[: cfg.files_per_unit], "rejects": rejects}
+            records, rejects = records[cfg.files_per_unit:], []
+            yield unit
+
+    for key in st.iter_list():
+        for stem in [s for s in open_stems if not key.startswith(s + ".")]:
+            close(stem)
+        stem, ext = posixpath.splitext(key)
+        open_stems.setdefault(stem, []).append(ext)
+        yield from flush(False)
+    for stem in sorted(open_stems):
+        close(stem)
+    yield from flush(True)
     if ignored:
         logger.info("input folder: ignored %d files that are neither images nor captions", ignored)
-    return records, rejects
 
 
 def _read_class_map(path: str) -> dict[str, int]:
@@ -144,10 +161,11 @@ def _read_class_map(path: str) -> dict[str, int]:
 
 
 def class_index(cfg: InputConfig) -> dict[str, int]:
-    """Class name -> id of an imagefolder input: the mapping file, else the sorted class folder names."""
+    """Class name -> id of an imagefolder input: the mapping file, else the sorted class folder names
+    (one streamed listing; only the names are kept)."""
     if cfg.class_map:
         return _read_class_map(cfg.class_map)
-    names = sorted({k.split("/", 1)[0] for k in _input_root(cfg.path).list() if "/" in k
+    names = sorted({k.split("/", 1)[0] for k in _input_root(cfg.path).iter_list() if "/" in k
                     and posixpath.splitext(k)[1].lower() in IMAGE_EXTS})
     if not names:
         raise ValueError(f"input.path: no class folders with images under {cfg.path} "
@@ -155,103 +173,206 @@ def class_index(cfg: InputConfig) -> dict[str, int]:
     return {n: i for i, n in enumerate(names)}
 
 
-def _imagefolder_records(cfg: InputConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """``root/<class>/<image>``: caption = class name, ``extra.class_id``; optional flip copies."""
+def _imagefolder_units(cfg: InputConfig) -> Iterator[dict[str, Any]]:
+    """``root/<class>/<image>``: caption = class name, ``extra.class_id``; optional flip copies; listed
+    page by page and chunked into units of ``files_per_unit`` records."""
     st = _input_root(cfg.path)
     classes = class_index(cfg)
-    records, rejects = [], []
-    for key in sorted(st.list()):
+    records: list[dict[str, Any]] = []
+    rejects: list[dict[str, Any]] = []
+    for key in st.iter_list():
         ext = posixpath.splitext(key)[1].lower()
         if ext in (CAPTION_EXT, ".json") or posixpath.basename(key).startswith("."):
             continue  # side files (labels, READMEs) are not samples
         if ext not in IMAGE_EXTS:
             rejects.append({"source_id": key, "reason": "unsupported_format", "detail": f"extension {ext or '(none)'}"})
-            continue
-        if "/" not in key:
+        elif "/" not in key:
             rejects.append({"source_id": key, "reason": "class_missing",
                             "detail": "image at the root; imagefolder expects root/<class_name>/<image>"})
-            continue
-        name = key.split("/", 1)[0]
-        if name not in classes:
-            rejects.append({"source_id": key, "reason": "unknown_class", "detail": f"{name!r} is not in input.class_map"})
-            continue
-        extra = {"class_id": classes[name], "class_name": name}
-        ref = {"root": st.root, "key": key}
-        records.append({"source_id": key, "img": ref, "cap": None, "caption": name, "extra": extra})
-        if cfg.flip:
-            records.append({"source_id": key + "#flip", "img": {**ref, "flip": True}, "cap": None, "caption": name,
-                            "extra": {**extra, "flip": True}})
-    return records, rejects
+        elif key.split("/", 1)[0] not in classes:
+            rejects.append({"source_id": key, "reason": "unknown_class",
+                            "detail": f"{key.split('/', 1)[0]!r} is not in input.class_map"})
+        else:
+            name = key.split("/", 1)[0]
+            extra = {"class_id": classes[name], "class_name": name}
+            ref = {"root": st.root, "key": key}
+            records.append({"source_id": key, "img": ref, "cap": None, "caption": name, "extra": extra})
+            if cfg.flip:
+                records.append({"source_id": key + "#flip", "img": {**ref, "flip": True}, "cap": None,
+                                "caption": name, "extra": {**extra, "flip": True}})
+        if len(records) >= cfg.files_per_unit:
+            yield {"kind": "records", "records": records, "rejects": rejects}
+            records, rejects = [], []
+    if records or rejects:
+        yield {"kind": "records", "records": records, "rejects": rejects}
 
 
-def _read_manifest_rows(path: str) -> list[dict[str, Any]]:
+class RangeFile(io.RawIOBase):
+    """A seekable read-only file over ``Storage.get_range`` (pyarrow reads a Parquet footer and one row
+    group through it: a few ranged GETs, never the whole file)."""
+
+    def __init__(self, st: Storage, key: str):
+        super().__init__()
+        self.st, self.key, self.pos = st, key, 0
+        self.length = st.size(key)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, off: int, whence: int = 0) -> int:
+        self.pos = off if whence == 0 else self.pos + off if whence == 1 else self.length + off
+        return self.pos
+
+    def tell(self) -> int:
+        return self.pos
+
+    def readinto(self, b) -> int:
+        n = max(0, min(len(b), self.length - self.pos))
+        if n:
+            b[:n] = self.st.get_range(self.key, self.pos, n)
+            self.pos += n
+        return n
+
+
+def _manifest_file(path: str) -> tuple[str, str, Storage]:
     root, key = _split_url(path)
-    try:
-        data = storage_for(root).get_bytes(key)
-    except StorageNotFound:
-        raise ValueError(f"input.path: manifest not found: {path}") from None
-    if path.endswith(".parquet"):
+    st = storage_for(root)
+    if not st.exists(key):
+        raise ValueError(f"input.path: manifest not found: {path}")
+    return root, key, st
+
+
+def _manifest_units(cfg: InputConfig) -> Iterator[dict[str, Any]]:
+    root, key, st = _manifest_file(cfg.path)
+    if cfg.path.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        return pq.read_table(io.BytesIO(data)).to_pylist()
-    rows = []
-    for i, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if not line.strip():
+        with RangeFile(st, key) as f:
+            meta = pq.ParquetFile(f).metadata
+        if cfg.image_column not in meta.schema.names:
+            raise ValueError(f"{cfg.path}: no column {cfg.image_column!r} (input.image_column); "
+                             f"columns: {sorted(meta.schema.names)}")
+        row0 = 0
+        for g in range(meta.num_row_groups):
+            yield {"kind": "parquet", "root": root, "key": key, "group": g, "row0": row0}
+            row0 += meta.row_group(g).num_rows
+        return
+    size = st.size(key)
+    first = st.get_range(key, 0, min(size, 1 << 16)).split(b"\n", 1)[0]
+    try:
+        row = json.loads(first) if first.strip() else {}
+    except ValueError:
+        row = {}
+    if isinstance(row, dict) and row and cfg.image_column not in row:
+        raise ValueError(f"{cfg.path}: no column {cfg.image_column!r} (input.image_column) in the first row; "
+                         f"columns: {sorted(row)}")
+    if isinstance(row, dict) and row:
+        manifest_record(cfg, {**row, cfg.image_column: row[cfg.image_column] or "x"}, f"{cfg.path}#byte0")
+    for start in range(0, size, cfg.manifest_chunk_bytes):
+        yield {"kind": "jsonl", "root": root, "key": key, "start": start,
+               "end": min(size, start + cfg.manifest_chunk_bytes)}
+
+
+def _jsonl_lines(st: Storage, key: str, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) of every line that STARTS in ``[start, end)``; the last one may run past
+    ``end`` (read on in 64 KiB steps). A line starting exactly at ``start`` belongs to this range."""
+    size = st.size(key)
+    a = max(0, start - 1)
+    buf = st.get_range(key, a, min(size, end + (1 << 16)) - a)
+    pos = a
+    if start > 0:  # skip the tail of the line owned by the previous range
+        nl = buf.find(b"\n")
+        while nl < 0 and pos + len(buf) < size:
+            buf += st.get_range(key, pos + len(buf), min(1 << 16, size - pos - len(buf)))
+            nl = buf.find(b"\n")
+        if nl < 0:
+            return
+        pos, buf = pos + nl + 1, buf[nl + 1:]
+    while pos < end:
+        nl = buf.find(b"\n")
+        while nl < 0 and pos + len(buf) < size:
+            buf += st.get_range(key, pos + len(buf), min(1 << 16, size - pos - len(buf)))
+            nl = buf.find(b"\n")
+        line = buf if nl < 0 else buf[:nl]
+        yield pos, line
+        if nl < 0:
+            return
+        pos, buf = pos + nl + 1, buf[nl + 1:]
+
+
+def manifest_record(cfg: InputConfig, row: Any, row_id: str) -> dict[str, Any]:
+    """One manifest row -> a record; raises :class:`Reject` (image_missing / invalid_row)."""
+    if not isinstance(row, dict):
+        raise Reject("invalid_row", "each line must be a JSON object")
+    image = row.get(cfg.image_column)
+    if not image:
+        raise Reject("image_missing")
+    sid = str(row.get(cfg.id_column)) if cfg.id_column and row.get(cfg.id_column) is not None else str(image)
+    image = str(image)
+    if image.startswith(("http://", "https://")):
+        raise ValueError(f"{row_id}: column {cfg.image_column!r} (input.image_column) is an http(s) URL "
+                         f"({image[:80]}); web URLs are not fetched: download the images first (e.g. with "
+                         "img2dataset) and list their local paths or s3:// URLs")
+    base = cfg.path.rsplit("/", 1)[0] if "/" in cfg.path else "."
+    if not image.startswith("s3://") and not image.startswith("/"):
+        image = f"{base}/{image}" if base.startswith("s3://") else str(Path(base) / image)
+    root, key = _split_url(image)
+    extra = {k: v for k, v in row.items() if k not in (cfg.image_column, cfg.caption_column, cfg.id_column)}
+    caption = row.get(cfg.caption_column)
+    return {"source_id": sid, "img": {"root": root, "key": key}, "cap": None,
+            "caption": caption if caption is None else str(caption),
+            "extra": json.loads(json.dumps(extra, default=str)) or None}
+
+
+def manifest_events(cfg: InputConfig, unit: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``("record", rec)`` / ``("reject", row)`` for the rows of one manifest unit."""
+    st = storage_for(unit["root"])
+    if unit["kind"] == "parquet":
+        import pyarrow.parquet as pq
+
+        with RangeFile(st, unit["key"]) as f:
+            rows = pq.ParquetFile(f).read_row_group(unit["group"]).to_pylist()
+        items = ((f"{cfg.path}#row{unit['row0'] + i}", r, None) for i, r in enumerate(rows))
+    else:
+        def parse():
+            for off, line in _jsonl_lines(st, unit["key"], unit["start"], unit["end"]):
+                if not line.strip():
+                    continue
+                try:
+                    yield f"{cfg.path}#byte{off}", json.loads(line), None
+                except ValueError as e:
+                    yield f"{cfg.path}#byte{off}", None, f"invalid JSON: {e}"[:160]
+        items = parse()
+    for row_id, row, err in items:
+        if err:
+            yield "reject", {"source_id": row_id, "reason": "invalid_row", "detail": err}
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{i}: invalid JSON line ({e})") from None
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}:{i}: each line must be a JSON object")
-        rows.append(row)
-    return rows
+            yield "record", manifest_record(cfg, row, row_id)
+        except Reject as r:
+            yield "reject", {"source_id": row_id, "reason": r.reason, **({"detail": r.detail} if r.detail else {})}
 
 
-def _manifest_records(cfg: InputConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    rows = _read_manifest_rows(cfg.path)
-    if rows and cfg.image_column not in rows[0] and all(cfg.image_column not in r for r in rows):
-        raise ValueError(f"{cfg.path}: no column {cfg.image_column!r} (input.image_column); "
-                         f"columns: {sorted(rows[0])}")
-    base = cfg.path.rsplit("/", 1)[0] if "/" in cfg.path else "."
-    records, rejects = [], []
-    for i, row in enumerate(rows):
-        image = row.get(cfg.image_column)
-        sid = str(row.get(cfg.id_column)) if cfg.id_column and row.get(cfg.id_column) is not None else image
-        if not image:
-            rejects.append({"source_id": f"{cfg.path}#row{i}", "reason": "image_missing"})
-            continue
-        image = str(image)
-        if image.startswith(("http://", "https://")):
-            raise ValueError(f"{cfg.path}: row {i} column {cfg.image_column!r} (input.image_column) is an "
-                             f"http(s) URL ({image[:80]}); web URLs are not fetched: download the images first "
-                             "(e.g. with img2dataset) and list their local paths or s3:// URLs")
-        if not image.startswith("s3://") and not image.startswith("/"):
-            image = f"{base}/{image}" if base.startswith("s3://") else str(Path(base) / image)
-        root, key = _split_url(image)
-        extra = {k: v for k, v in row.items() if k not in (cfg.image_column, cfg.caption_column, cfg.id_column)}
-        caption = row.get(cfg.caption_column)
-        records.append({"source_id": str(sid), "img": {"root": root, "key": key}, "cap": None,
-                        "caption": caption if caption is None else str(caption),
-                        "extra": json.loads(json.dumps(extra, default=str)) or None})
-    return records, rejects
-
-
-def _tar_list(path: str) -> list[tuple[str, str]]:
-    """(storage root, key) of every input tar: a brace pattern, one .tar, or a dir/prefix of tars."""
+def _tar_list(path: str) -> Iterator[tuple[str, str]]:
+    """(storage root, key) of every input tar: a brace pattern, one .tar, or a dir/prefix of tars
+    (listed page by page)."""
     import braceexpand
 
     if path.endswith(".tar") or "{" in path:
-        out = []
         for p in braceexpand.braceexpand(path):
-            root, key = posixpath.split(p) if p.startswith("s3://") else (str(Path(p).parent), Path(p).name)
-            out.append((root, key))
-        return out
+            yield posixpath.split(p) if p.startswith("s3://") else (str(Path(p).parent), Path(p).name)
+        return
     st = _input_root(path)
-    tars = [(st.root, k) for k in st.list() if k.endswith(".tar")]
-    if not tars:
+    n = 0
+    for k in st.iter_list():
+        if k.endswith(".tar"):
+            n += 1
+            yield st.root, k
+    if not n:
         raise ValueError(f"input.path: no .tar files under {path}")
-    return tars
 
 
 def _unsafe(name: str, ti: tarfile.TarInfo) -> str | None:

@@ -1,21 +1,24 @@
-"""`sar-scale data prepare`: image-text inputs -> validated, deduplicated, tokenized webdataset shards.
+"""`sar-scale data prepare`: image-text inputs -> validated, deduplicated, tokenized webdataset shards
+(format v2, docs/shard-format.md), on a Ray cluster, with O(shards) state in the driver.
 
-Two passes on Ray:
+Stages (details in pipelines/dedup.py and pipelines/staging.py):
 
-1. **scan** (Ray tasks): read + validate every input (decode, caption, size filters) and hash it.
-   Only small rows come back. The driver then deduplicates (exact by pixel hash, near by pHash)
-   in sorted source-id order - the first occurrence wins, so the result never depends on task
-   timing - and assigns the accepted samples to shards in ``sample_key`` order (a deterministic
-   shuffle): shard ``i`` = samples ``[i*S, (i+1)*S)``.
-2. **shards** (Ray Data): decode + bucket + resize (fractional-CPU tasks) -> tokenize in an
-   ``ActorPoolStrategy`` pool (VQ loaded once per actor) -> the driver writes each shard once all
-   its rows are in: tar via webdataset's TarWriter, atomic upload, then ``stats.json`` last.
+1. **scan** (Ray tasks, one per input unit, bounded in flight): inputs are enumerated lazily (folders
+   and tar prefixes page by page, manifests by Parquet row group / JSONL byte range); each task reads,
+   validates and hashes its records and stages the small rows under ``_staging/`` by key range.
+2. **dedup** (Ray tasks per partition): same source id, exact pixels (by hash partition), near pHash
+   (LSH bands, then one union-find task); winners depend on source ids only. In append runs the
+   dataset's ``hashes.npy`` rows take part as incumbents that always win.
+3. **assign** (per key range): survivors grouped by aspect bucket, sorted by key; the driver turns
+   per-bucket counts into shards (``samples_per_shard`` each, one bucket per shard).
+4. **write** (``TokenizeActor`` pool): each shard is read + decoded + tokenized + committed by one actor
+   through ``sar_scale.data.shards.commit_shard`` (tar, index.npy, hashes.npy, stats.json last).
+5. the rejects file (one task) and the manifest (driver, from per-shard stats), written last.
 
-Exactly once: names and contents are a function of (inputs, config); a rerun skips shards whose
-stats exist and match (config hash + plan hash), deletes stale uncommitted tars, redoes the rest.
-Ray Data's own writers are not used because they name files with uuids (rerun = duplicates).
-The writer runs in the driver because tokens are small (a few KB per sample) and Ray Data cannot
-align its blocks with our deterministic shards.
+Exactly once: shard names and bytes are a function of (inputs, config); a rerun re-plans, keeps shards
+whose stats match (config hash + plan hash), rewrites the rest, deletes what is outside the plan.
+Append runs (``output.mode=append``) add shards after the manifest's, never touch committed ones, and
+are a no-op when the manifest already lists the run.
 """
 
 from __future__ import annotations
@@ -24,29 +27,30 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
 import time
-from collections import Counter, defaultdict
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
+from pipelines import dedup
 from pipelines.config import PrepareConfig
-from pipelines.inputs import enumerate_inputs
-from pipelines.validate import NearDupIndex
-from pipelines.writer import plan_hash, write_shard
+from pipelines.inputs import iter_units
+from pipelines.stages import COMMIT_DELAY_ENV, TokenizeActor, base_hashes_task, scan_unit_task
+from pipelines.staging import Staging
 from sar_scale.config import ConfigError, load_config
 from sar_scale.data import schema
-from sar_scale.data.buckets import bucket_name, bucket_table
-from sar_scale.data.storage import Storage, StorageError, open_storage
+from sar_scale.data.shards import uncommit_shard
+from sar_scale.data.storage import Storage, StorageError, StorageNotFound, open_storage
 
 logger = logging.getLogger(__name__)
 
-# Fault-injection hook for the crash test: sleep this long after each shard commit.
-COMMIT_DELAY_ENV = "SAR_SCALE_FAULT_COMMIT_DELAY_S"
+__all__ = ["COMMIT_DELAY_ENV", "run", "main"]
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -122,166 +126,196 @@ def init_ray(cfg: PrepareConfig):
 
 
 def _check_cpu_budget(ray, cfg: PrepareConfig) -> None:
-    total = float(ray.cluster_resources().get("CPU", 0))
-    need = cfg.ray.tokenize_actors * cfg.ray.actor_num_cpus + cfg.ray.load_num_cpus
+    res = ray.cluster_resources()
+    total, gpus = float(res.get("CPU", 0)), float(res.get("GPU", 0))
+    need = cfg.ray.tokenize_actors * cfg.ray.actor_num_cpus
     if need > total + 1e-9:
         raise ConfigError(f"ray.tokenize_actors ({cfg.ray.tokenize_actors}) x ray.actor_num_cpus "
-                          f"({cfg.ray.actor_num_cpus}) + ray.load_num_cpus ({cfg.ray.load_num_cpus}) = {need} "
-                          f"CPUs, but the cluster has {total}: the load stage could never run (deadlock)")
+                          f"({cfg.ray.actor_num_cpus}) = {need} CPUs, but the cluster has {total}: the writer "
+                          "actors could never all start (deadlock)")
+    if cfg.ray.actor_num_gpus and cfg.ray.tokenize_actors * cfg.ray.actor_num_gpus > gpus + 1e-9:
+        raise ConfigError(f"ray.tokenize_actors x ray.actor_num_gpus = "
+                          f"{cfg.ray.tokenize_actors * cfg.ray.actor_num_gpus} GPUs, but the cluster has {gpus}")
 
 
-# ----------------------------------------------------------------------------- scan + plan
+def _dataset_hash(cfg: PrepareConfig, vq_fp: str, text_fp: str) -> str:
+    """What every shard of one dataset must share (append runs check it): name, tokenization, VQ, text encoder."""
+    t = cfg.tokenize
+    data = {"name": cfg.output.name, "resolutions": t.resolutions, "max_ratio": t.max_ratio, "dtype": t.dtype,
+            "text_max_length": t.text_max_length, "thumbnail": cfg.output.thumbnail_size, "vq": vq_fp,
+            "text": text_fp}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def scan(ray, cfg: PrepareConfig) -> tuple[list[dict[str, Any]], list[dict[str, Any]], int]:
-    from pipelines.stages import scan_unit
-
-    units, rejects = enumerate_inputs(cfg.input)
-    task = ray.remote(scan_unit).options(num_cpus=cfg.ray.scan_num_cpus)
-    cj = cfg.model_dump_json()
-    pending = [task.remote(u, cj) for u in units]
-    rows: list[dict[str, Any]] = []
-    with tqdm(total=len(pending), desc="scan", unit="unit") as bar:
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            res = ray.get(done[0])
-            rows += res["rows"]
-            rejects += res["rejects"]
-            bar.update(1)
-            bar.set_postfix(ok=len(rows), rejected=len(rejects))
-    return rows, rejects, len(rows) + len(rejects)
+def _open_output(cfg: PrepareConfig) -> Storage:
+    if cfg.output.url.startswith("s3://"):
+        mb = cfg.output.s3_multipart_mb << 20
+        return open_storage(cfg.output.url, multipart_threshold=mb, multipart_chunksize=mb)
+    return open_storage(cfg.output.url)
 
 
-def plan_shards(rows: list[dict[str, Any]], cfg: PrepareConfig) -> tuple[list[list[dict[str, Any]]],
-                                                                          list[dict[str, Any]]]:
-    """Deduplicate deterministically, then chunk the survivors into shards by sample key."""
-    rejects = []
-    seen_ids: set[str] = set()
-    exact: dict[str, str] = {}
-    near = NearDupIndex(cfg.filters.phash_max_distance) if cfg.filters.near_dedup else None
-    kept = []
-    for r in sorted(rows, key=lambda r: r["source_id"]):
-        sid = r["source_id"]
-        if sid in seen_ids:
-            rejects.append({"source_id": sid, "reason": "duplicate_source_id"})
-            continue
-        seen_ids.add(sid)
-        if cfg.filters.exact_dedup:
-            if r["pixhash"] in exact:
-                rejects.append({"source_id": sid, "reason": "duplicate", "detail": f"of {exact[r['pixhash']]}"})
-                continue
-            exact[r["pixhash"]] = sid
-        if near is not None:
-            other = near.query(r["phash"])
-            if other is not None:
-                rejects.append({"source_id": sid, "reason": "near_duplicate", "detail": f"of {other}"})
-                continue
-            near.add(r["phash"], sid)
-        kept.append(r)
-    kept.sort(key=lambda r: (schema.sample_key(r["source_id"]), r["source_id"]))
-    n = cfg.output.samples_per_shard
-    return [kept[i: i + n] for i in range(0, len(kept), n)], rejects
+def _existing_manifest(storage: Storage, cfg: PrepareConfig) -> dict[str, Any] | None:
+    try:
+        return schema.read_dataset_manifest(storage)
+    except StorageNotFound:
+        return None
+    except schema.SchemaError as e:
+        if cfg.output.overwrite and cfg.output.mode == "create":
+            return None
+        raise ConfigError(f"{storage.url()}: {e}; or write to a new output.url / set output.overwrite=true") from None
 
 
-# ----------------------------------------------------------------------------- resume state
-
-
-def reconcile(storage: Storage, cfg: PrepareConfig, config_hash: str,
-              plan_hashes: list[str]) -> tuple[set[int], dict[int, dict[str, Any]]]:
-    """Find committed shards that match this plan; delete stale/partial objects. Returns
-    (indices to (re)do, stats of the kept committed shards)."""
-    name = cfg.output.name
-    removed_tmp = storage.clean_temp()
-    if removed_tmp:
-        logger.info("removed %d temp objects left by an interrupted run", removed_tmp)
-    keys = set(storage.list())
-    committed: dict[int, dict[str, Any]] = {}
-    foreign: list[str] = []
-    for tar_key, stats_key in schema.committed_shards(storage, name):
-        _, idx, _ = schema.parse_shard_name(tar_key)
-        try:
-            st = schema.read_stats(storage, stats_key)
-        except schema.SchemaError as e:
-            logger.warning("unreadable %s (%s): shard will be redone", stats_key, e)
-            storage.delete(stats_key)
-            continue
-        ok = (st.get("config_hash") == config_hash and idx < len(plan_hashes)
-              and st.get("plan_hash") == plan_hashes[idx])
-        if ok:
-            committed[idx] = st
-        else:
-            foreign.append(stats_key)
-    if foreign and not cfg.output.overwrite:
-        raise ConfigError(
-            f"{storage.url()} already holds {len(foreign)} committed shard(s) from a different config or "
-            f"different inputs (e.g. {foreign[0]}); write to a new output.url or set output.overwrite=true")
-    for stats_key in foreign:  # overwrite: stats first, so a crash here leaves nothing committed
-        storage.delete(stats_key)
-        storage.delete(stats_key[: -len(".stats.json")] + ".tar")
-    # uncommitted tars (crash between tar and stats, or outside the plan) are never left behind
-    stale = 0
-    for k in keys:
+def _check_committed(storage: Storage, cfg: PrepareConfig, first: int, config_hash: str) -> None:
+    """Refuse (create mode, no overwrite) to mix with committed shards of another config at index >= first."""
+    if cfg.output.overwrite or cfg.output.mode == "append":
+        return  # overwrite: replaced by the writers / deleted; append: shards outside the manifest are leftovers
+    for k in storage.iter_list(cfg.output.name + "-"):
         parsed = schema.parse_shard_name(k)
-        if parsed and parsed[0] == name and parsed[2] == "tar" and parsed[1] not in committed:
-            storage.delete(k)
-            stale += 1
-        elif parsed and parsed[0] == name and parsed[2] == "stats.json" and parsed[1] >= len(plan_hashes):
-            storage.delete(k)
-    if stale:
-        logger.info("deleted %d uncommitted shard tar(s)", stale)
-    todo = {i for i in range(len(plan_hashes)) if i not in committed}
-    for i in todo:  # a stats without its tar must not pair with the tar we are about to write
-        if schema.stats_name(name, i) in keys:
-            storage.delete(schema.stats_name(name, i))
-    return todo, committed
+        if not parsed or parsed[0] != cfg.output.name or parsed[2] != "stats.json" or parsed[1] < first:
+            continue
+        try:
+            ok = schema.read_shard_stats(storage, k).get("config_hash") == config_hash
+        except schema.SchemaError:
+            ok = False
+        if not ok:
+            raise ConfigError(
+                f"{storage.url()} already holds committed shard(s) from a different config or different inputs "
+                f"(e.g. {k}); write to a new output.url, set output.overwrite=true, or use output.mode=append")
 
 
-# ----------------------------------------------------------------------------- shard pass
+# ----------------------------------------------------------------------------- stages
 
 
-def shard_pass(ray, cfg: PrepareConfig, storage: Storage, shards: list[list[dict[str, Any]]], todo: set[int],
-               downsample: int, extra_stats: dict[int, dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    from ray.data import ActorPoolStrategy
-
-    from pipelines.stages import TokenizeActor, load_batch
-
-    items = [{"shard": i, "pos": j, "source_id": r["source_id"], "ref": json.dumps(r["img"]),
-              "caption": r["caption"], "extra": json.dumps(r["extra"]) if r.get("extra") else ""}
-             for i in sorted(todo) for j, r in enumerate(shards[i])]
-    written: dict[int, dict[str, Any]] = {}
-    if not items:
-        return written
-    bs = cfg.tokenize.batch_size
+def _scan(ray, cfg: PrepareConfig, stg: Staging, downsample: int) -> tuple[int, int]:
+    """Submit one scan task per unit as the units are enumerated, at most ``max_inflight`` at once.
+    Returns (inputs, units); per-unit rows and rejects stay in staging."""
+    task = ray.remote(scan_unit_task).options(num_cpus=cfg.ray.scan_num_cpus)
     cj = cfg.model_dump_json()
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(len(items) // bs, 512)))
-    ds = ds.map_batches(load_batch, fn_kwargs={"cfg_json": cj, "downsample": downsample}, batch_size=bs,
-                        batch_format="numpy", num_cpus=cfg.ray.load_num_cpus)
-    ds = ds.map_batches(TokenizeActor, fn_constructor_kwargs={"cfg_json": cj}, batch_size=bs,
-                        batch_format="numpy", compute=ActorPoolStrategy(size=cfg.ray.tokenize_actors),
-                        num_cpus=cfg.ray.actor_num_cpus)
-    expected = {i: len(shards[i]) for i in todo}
-    pending: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
-    res = cfg.tokenize.resolutions
-    with tempfile.TemporaryDirectory(prefix="sar-shards-") as tmp, \
-            tqdm(total=len(items), desc="tokenize+write", unit="img") as bar:
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            keys = list(batch)
-            for j in range(len(batch["shard"])):
-                row = {k: batch[k][j] for k in keys}
-                i = int(row["shard"])
-                pending[i].append(row)
-                if len(pending[i]) == expected[i]:
-                    written[i] = write_shard(storage, cfg.output.name, i, pending.pop(i), res, tmp,
-                                             extra_stats[i])
-                    bar.set_postfix(shards=f"{len(written)}/{len(todo)}")
-                    if delay:
-                        time.sleep(delay)
-            bar.update(len(batch["shard"]))
-    missing = set(todo) - set(written)
-    if missing:  # Ray Data returned fewer rows than planned: a bug, never silently accepted
-        raise RuntimeError(f"shards {sorted(missing)[:5]} did not receive all their rows")
-    return written
+    limit = cfg.ray.max_inflight or max(2, int(2 * ray.cluster_resources().get("CPU", 1)))
+    pending: list[Any] = []
+    n_inputs = n_units = 0
+    with tqdm(desc="scan", unit="unit") as bar:
+        def collect(n: int) -> None:
+            nonlocal pending, n_inputs
+            done, pending = ray.wait(pending, num_returns=n)
+            for res in _get(ray, done):
+                n_inputs += res["rows"] + sum(res["rejects"].values())
+                bar.update(1)
+            bar.set_postfix(inputs=n_inputs)
+
+        for u, unit in enumerate(iter_units(cfg.input)):
+            if len(pending) >= limit:
+                collect(1)
+            pending.append(task.remote(u, unit, cj, downsample, stg))
+            n_units += 1
+        if pending:
+            collect(len(pending))
+    return n_inputs, n_units
+
+
+def _get(ray, refs: list[Any]) -> list[Any]:
+    """``ray.get`` that re-raises a task's ValueError / StorageError as itself (a clear CLI message, not
+    a remote traceback)."""
+    from ray.exceptions import RayTaskError
+
+    try:
+        return ray.get(refs)
+    except RayTaskError as e:
+        if isinstance(e.cause, (ValueError, StorageError)):
+            raise e.cause from None
+        raise
+
+
+def _stage(ray, fn, cfg: PrepareConfig, stg: Staging, opts: dict[str, Any], desc: str) -> list[Any]:
+    task = ray.remote(fn).options(num_cpus=cfg.ray.load_num_cpus)
+    refs = [task.remote(stg, p, opts) for p in range(opts["parts"])]
+    out = _get(ray, refs)
+    logger.info("%s: %d partitions", desc, len(out))
+    return out
+
+
+def _dedup_and_plan(ray, cfg: PrepareConfig, stg: Staging, storage: Storage, base: list[dict[str, Any]],
+                    first: int) -> list[dict[str, Any]]:
+    P = cfg.ray.partitions
+    if base:  # the dataset being appended to: its hashes take part as incumbents
+        keys = [schema.hashes_name(cfg.output.name, i) for i in range(len(base))]
+        task = ray.remote(base_hashes_task).options(num_cpus=cfg.ray.load_num_cpus)
+        chunk = max(1, math.ceil(len(keys) / (4 * P)))
+        ray.get([task.remote(c, keys[s: s + chunk], storage, stg, P)
+                 for c, s in enumerate(range(0, len(keys), chunk))])
+    opts = {"parts": P, "exact": cfg.filters.exact_dedup, "near": cfg.filters.near_dedup,
+            "max_distance": cfg.filters.phash_max_distance}
+    _stage(ray, dedup.sid_stage, cfg, stg, opts, "dedup: source ids")
+    if opts["exact"]:
+        _stage(ray, dedup.exact_stage, cfg, stg, opts, "dedup: exact")
+    if opts["near"]:
+        _stage(ray, dedup.near_stage, cfg, stg, opts, "dedup: near (LSH bands)")
+        ray.get(ray.remote(dedup.components_stage).options(num_cpus=cfg.ray.load_num_cpus).remote(stg, opts))
+    counts: dict[str, dict[int, int]] = {}
+    for p, per_grid in enumerate(_stage(ray, dedup.assign_stage, cfg, stg, opts, "assign")):
+        for g, n in per_grid.items():
+            counts.setdefault(g, {})[p] = n
+    return dedup.plan_shards(counts, cfg.output.samples_per_shard, first)
+
+
+def _write(ray, cfg: PrepareConfig, storage: Storage, stg: Staging, plan: list[dict[str, Any]], downsample: int,
+           run_id: str, config_hash: str) -> tuple[dict[int, dict[str, Any]], float]:
+    """(per-shard results, seconds of writing after the actors were up)."""
+    from ray.util import ActorPool
+
+    if not plan:
+        return {}, 0.0
+    n = min(cfg.ray.tokenize_actors, len(plan))
+    cls = ray.remote(TokenizeActor).options(num_cpus=cfg.ray.actor_num_cpus, num_gpus=cfg.ray.actor_num_gpus,
+                                            max_restarts=-1, max_task_retries=-1)
+    cj = cfg.model_dump_json()
+    actors = [cls.remote(cj, storage, stg, downsample) for _ in range(n)]
+    devices = ray.get([a.device_info.remote() for a in actors])  # models loaded: from here on, writing
+    logger.info("%d tokenizer actors on %s", n, sorted({d["device"] for d in devices}))
+    t0 = time.time()
+    pool = ActorPool(actors)
+    specs = [{**s, "run": run_id, "config_hash": config_hash} for s in plan]
+    out: dict[int, dict[str, Any]] = {}
+    try:
+        with tqdm(total=sum(s["samples"] for s in plan), desc="tokenize+write", unit="img") as bar:
+            for res in pool.map_unordered(lambda a, s: a.write.remote(s), specs):
+                out[res["index"]] = res
+                bar.update(res["stats"]["samples"])
+                bar.set_postfix(shards=f"{len(out)}/{len(plan)}")
+    finally:
+        for a in actors:
+            ray.kill(a)
+    return out, time.time() - t0
+
+
+def _merge_rejects(stg: Staging, storage: Storage, key: str) -> dict[str, int]:
+    """Ray task: concatenate the staged reject files (name order; each sorted) into ``key``; reason counts."""
+    counts: Counter = Counter()
+    with tempfile.NamedTemporaryFile("wb", suffix=".jsonl", delete=False) as f:
+        for k in stg.reject_files():
+            data = storage.get_bytes(k)
+            f.write(data)
+            counts.update(json.loads(line)["reason"] for line in data.splitlines() if line.strip())
+    try:
+        storage.put_file(f.name, key)
+    finally:
+        os.unlink(f.name)
+    return dict(sorted(counts.items()))
+
+
+def _remove_outside(storage: Storage, name: str, keep: range) -> int:
+    """Delete shard objects of ``name`` at indices >= ``keep.start`` outside ``keep`` (stats first)."""
+    found: set[int] = set()
+    for k in storage.iter_list(name + "-"):
+        parsed = schema.parse_shard_name(k)
+        if parsed and parsed[0] == name:
+            found.add(parsed[1])
+    n = 0
+    for i in sorted(found):
+        if i not in keep and i >= keep.start:
+            uncommit_shard(storage, name, i)
+            n += 1
+    return n
 
 
 # ----------------------------------------------------------------------------- driver
@@ -300,57 +334,87 @@ def run(cfg: PrepareConfig) -> dict[str, Any]:
     downsample, vq_fp = resolve_vq(cfg)
     text_fp = _file_fingerprint(Path(cfg.tokenize.text_encoder_path)) if cfg.tokenize.text_encoder_path else ""
     config_hash = hashlib.sha256(f"{cfg.content_hash()}|{vq_fp}|{text_fp}".encode()).hexdigest()[:16]
-    storage = open_storage(cfg.output.url)
+    dataset_hash = _dataset_hash(cfg, vq_fp, text_fp)
+    name = cfg.output.name
+    storage = _open_output(cfg)
+    existing = _existing_manifest(storage, cfg)
+    base: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    if cfg.output.mode == "append" and existing is not None:
+        if existing.get("dataset_hash") != dataset_hash:
+            raise ConfigError(f"{storage.url()}: output.mode=append needs the dataset's name, resolutions, "
+                              "bucket ratio, VQ, text encoder and thumbnails unchanged (they differ)")
+        done = [r for r in existing["runs"] if r.get("config_hash") == config_hash]
+        if done:  # this very append already ran to the end: nothing to do
+            logger.info("run %s is already in the manifest: nothing to do", config_hash)
+            return _summary(storage, existing, done[0], t0, written=0, skipped=0, noop=True)
+        base, runs = existing["shards"], list(existing["runs"])
+    elif existing is not None and not cfg.output.overwrite and \
+            [r.get("config_hash") for r in existing["runs"]] != [config_hash]:
+        raise ConfigError(f"{storage.url()} already holds a dataset from a different config or different inputs; "
+                          "write to a new output.url, set output.overwrite=true, or use output.mode=append")
+    first = len(base)
+    _check_committed(storage, cfg, first, config_hash)
+    removed_tmp = storage.clean_temp()
+    if removed_tmp:
+        logger.info("removed %d temp objects left by an interrupted run", removed_tmp)
     ray = init_ray(cfg)
     _check_cpu_budget(ray, cfg)
+    stg = Staging(storage)
+    stg.clear()  # whatever a killed run left half done is redone
 
-    rows, rejects, n_inputs = scan(ray, cfg)
-    shards, dup_rejects = plan_shards(rows, cfg)
-    rejects += dup_rejects
-    hashes = [plan_hash([r["source_id"] for r in s]) for s in shards]
-    todo, committed = reconcile(storage, cfg, config_hash, hashes)
-    logger.info("%d inputs -> %d accepted in %d shards (%d already committed, %d to write)",
-                n_inputs, sum(len(s) for s in shards), len(shards), len(committed), len(todo))
-    extra = {i: {"config_hash": config_hash, "plan_hash": hashes[i]} for i in todo}
-    t1 = time.time()
-    written = shard_pass(ray, cfg, storage, shards, todo, downsample, extra)
-    t_shards = time.time() - t1
-    all_stats = {**committed, **written}
+    n_inputs, n_units = _scan(ray, cfg, stg, downsample)
+    plan = _dedup_and_plan(ray, cfg, stg, storage, base, first)
+    logger.info("%d inputs in %d units -> %d samples in %d shards (from index %d)", n_inputs, n_units,
+                sum(s["samples"] for s in plan), len(plan), first)
+    results, t_write = _write(ray, cfg, storage, stg, plan, downsample, config_hash, config_hash)
+    removed = _remove_outside(storage, name, range(first, first + len(plan)))
+    if removed:
+        logger.info("deleted %d shard(s) outside this run's plan", removed)
+    rejects_key = schema.REJECTS if first == 0 else f"rejects-{config_hash}.jsonl"
+    reject_counts = ray.get(ray.remote(_merge_rejects).options(num_cpus=cfg.ray.load_num_cpus)
+                            .remote(stg, storage, rejects_key))
 
-    # manifest + rejects, from the committed stats (so a resumed run reports the whole job)
-    table = bucket_table(cfg.tokenize.resolutions, downsample, cfg.tokenize.max_ratio)
-    bucket_counts: dict[str, Counter] = {str(r): Counter() for r in table}
-    entries = []
-    for i in range(len(shards)):
-        st = all_stats[i]
-        for e in st["index"]:
-            for r, hw in e["buckets"].items():
-                bucket_counts[r][bucket_name(tuple(hw))] += 1
-        entries.append({"tar": schema.tar_name(cfg.output.name, i),
-                        "stats": schema.stats_name(cfg.output.name, i), "samples": st["samples"]})
-        rejects += st.get("reject_ids", [])
-    reject_counts = Counter(r["reason"] for r in rejects)
-    man = schema.make_manifest(
-        entries, cfg.tokenize.resolutions, {r: dict(sorted(c.items())) for r, c in bucket_counts.items()},
-        config_hash, {**versions(), "vq": vq_fp, "text_encoder": text_fp}, bool(cfg.tokenize.text_encoder_path),
-        extra={"name": cfg.output.name, "downsample": downsample, "inputs": n_inputs,
-               "rejects": dict(sorted(reject_counts.items())),
-               "config": json.loads(cfg.model_dump_json(exclude={"ray"}))})
-    schema.write_rejects(storage, rejects)
+    new = [schema.shard_entry(results[s["index"]]["stats"]) for s in plan]
+    kept = sum(e["samples"] for e in new)
+    this_run = {"run": config_hash, "config_hash": config_hash, "inputs": n_inputs, "kept": kept,
+                "shards": [first, first + len(plan) - 1] if plan else [], "rejects": rejects_key,
+                "reject_counts": reject_counts}
+    runs = [r for r in runs if r.get("config_hash") != config_hash] + [this_run]
+    total_rejects: Counter = Counter()
+    for r in runs:
+        total_rejects.update(r.get("reject_counts", {}))
+    man = schema.make_dataset_manifest(
+        list(base) + new, cfg.tokenize.resolutions, bool(cfg.tokenize.text_encoder_path), dataset_hash,
+        {**versions(), "vq": vq_fp, "text_encoder": text_fp}, runs,
+        extra={"name": name, "downsample": downsample, "dataset_hash": dataset_hash,
+               "inputs": sum(int(r.get("inputs", 0)) for r in runs), "rejects": dict(sorted(total_rejects.items())),
+               # what made the data, not where it went or how fast (a copied dataset's manifest stays true)
+               "config": json.loads(cfg.model_dump_json(exclude={"ray": True, "output": {"url", "overwrite"}}))})
     if cfg.input.kind == "imagefolder":  # class id -> name for samplers, evaluators and `generate --class-id`
         from pipelines.inputs import class_index
 
         classes = class_index(cfg.input)
         storage.put_bytes(json.dumps({"num_classes": max(classes.values()) + 1, "classes": classes},
                                      indent=1).encode(), "classes.json")
-    schema.write_manifest(storage, man)
-    n_written = sum(s["samples"] for s in written.values())
-    return {"output": storage.url(), "inputs": n_inputs, "samples": man["samples"],
-            "rejects": dict(sorted(reject_counts.items())), "shards": len(shards),
-            "shards_written": len(written), "shards_skipped": len(committed),
-            "buckets": man["buckets"], "seconds": round(time.time() - t0, 2),
-            "tokenize_images_per_s": round(n_written / t_shards, 2) if n_written and t_shards > 0 else 0.0,
-            "config_hash": config_hash}
+    schema.write_dataset_manifest(storage, man)  # last: the run is complete
+    stg.clear()
+    n_written = sum(r["stats"]["samples"] for r in results.values() if not r["skipped"])
+    summary = _summary(storage, man, this_run, t0, written=sum(not r["skipped"] for r in results.values()),
+                       skipped=sum(r["skipped"] for r in results.values()))
+    summary["tokenize_images_per_s"] = round(n_written / t_write, 2) if n_written and t_write > 0 else 0.0
+    return summary
+
+
+def _summary(storage: Storage, man: dict[str, Any], this_run: dict[str, Any], t0: float, written: int,
+             skipped: int, noop: bool = False) -> dict[str, Any]:
+    sh = this_run["shards"]
+    return {"output": storage.url(), "inputs": this_run["inputs"], "samples": man["samples"],
+            "run_samples": this_run["kept"], "rejects": this_run.get("reject_counts", {}),
+            "shards": len(man["shards"]), "run_shards": (sh[1] - sh[0] + 1) if sh else 0,
+            "shards_written": written, "shards_skipped": skipped if not noop else ((sh[1] - sh[0] + 1) if sh else 0),
+            "buckets": man["buckets"], "seconds": round(time.time() - t0, 2), "tokenize_images_per_s": 0.0,
+            "config_hash": this_run["config_hash"], "noop": noop}
 
 
 def format_summary(s: dict[str, Any]) -> str:

@@ -1,4 +1,5 @@
-"""The work done inside Ray: scan (validate + hash), load (decode + bucket + resize), tokenize.
+"""The work done inside Ray: scan (validate + hash, staged for dedup), and the shard writer actor
+(read + decode + bucket-crop, tokenize, commit one shard through ``sar_scale.data.shards``).
 
 Shape legend: B batch, H/W pixel height/width of a bucket, h/w token grid, L text length,
 D text width.
@@ -6,17 +7,24 @@ D text width.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import math
+import os
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
 
 from pipelines.config import PrepareConfig
-from pipelines.inputs import read_ref, scan_tar
+from pipelines.dedup import grid_name, parse_grid_name
+from pipelines.inputs import manifest_events, read_ref, scan_tar
+from pipelines.staging import Staging, key_part, to_signed64, to_unsigned64
 from pipelines.validate import (
     Reject,
     check_image,
@@ -25,7 +33,10 @@ from pipelines.validate import (
     perceptual_hash,
     pixel_hash,
 )
-from sar_scale.data.buckets import bucket_table, nearest_bucket, resize_center_crop
+from sar_scale.data import schema
+from sar_scale.data.buckets import bucket_table, grid_of, nearest_bucket, resize_center_crop
+from sar_scale.data.shards import commit_shard, hashes_array
+from sar_scale.data.storage import Storage, StorageNotFound
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +63,21 @@ def scan_record(rec: dict[str, Any], cfg: PrepareConfig) -> dict[str, Any]:
     check_image(img, cfg.filters)
     return {"source_id": rec["source_id"], "img": rec["img"], "caption": caption, "extra": rec.get("extra"),
             "w": img.size[0], "h": img.size[1],
-            "pixhash": pixel_hash(img) if cfg.filters.exact_dedup else "",
-            "phash": perceptual_hash(img) if cfg.filters.near_dedup else 0}
+            # always computed (cheap next to the decode): hashes.npy must serve later append runs
+            "pixhash": pixel_hash(img), "phash": perceptual_hash(img)}
 
 
 def scan_unit(unit: dict[str, Any], cfg_json: str) -> dict[str, list[dict[str, Any]]]:
-    """One scan task: every record of a unit -> candidate rows + rejects."""
+    """Every record of a unit -> candidate rows + rejects (pure; :func:`scan_unit_task` stages them)."""
     cfg = PrepareConfig.model_validate_json(cfg_json)
+    rejects: list[dict[str, Any]] = list(unit.get("rejects", []))
     if unit["kind"] == "tar":
         events = scan_tar(unit["root"], unit["key"])
+    elif unit["kind"] in ("parquet", "jsonl"):
+        events = manifest_events(cfg.input, unit)
     else:
         events = (("record", r) for r in unit["records"])
-    rows, rejects = [], []
+    rows = []
     for kind, rec in events:
         if kind == "reject":
             rejects.append(rec)
@@ -75,58 +89,49 @@ def scan_unit(unit: dict[str, Any], cfg_json: str) -> dict[str, list[dict[str, A
     return {"rows": rows, "rejects": rejects}
 
 
-# ----------------------------------------------------------------------------- shard pass
+def grids_of(w: int, h: int, table: dict[int, list[tuple[int, int]]], downsample: int) -> dict[int, tuple[int, int]]:
+    """Token grid per resolution of a ``w x h`` image: the same aspect bucket at every resolution."""
+    return {r: grid_of(nearest_bucket(w, h, buckets), downsample) for r, buckets in table.items()}
 
 
-def _obj(values: list[Any]) -> np.ndarray:
-    out = np.empty(len(values), dtype=object)
-    out[:] = values
-    return out
-
-
-def load_batch(batch: dict[str, np.ndarray], cfg_json: str, downsample: int) -> dict[str, np.ndarray]:
-    """Decode, bucket (same aspect ratio at every resolution) and resize/crop each image."""
+def scan_unit_task(u: int, unit: dict[str, Any], cfg_json: str, downsample: int, stg: Staging) -> dict[str, Any]:
+    """Ray task: scan one unit, stage its rows by key range (``scan/p*/u{u}``) and its rejects.
+    Returns counts only (the driver holds no per-sample state)."""
     cfg = PrepareConfig.model_validate_json(cfg_json)
+    res = scan_unit(unit, cfg_json)
     table = bucket_table(cfg.tokenize.resolutions, downsample, cfg.tokenize.max_ratio)
-    n = len(batch["source_id"])
-    out: dict[str, list[Any]] = {k: [] for k in ("shard", "pos", "source_id", "caption", "extra", "orig_w",
-                                                 "orig_h", "reject", "detail", "thumb")}
-    for r in table:
-        out |= {f"px_{r}": [], f"bh_{r}": [], f"bw_{r}": []}
-    for i in range(n):
-        for k in ("shard", "pos", "source_id", "caption", "extra"):
-            out[k].append(batch[k][i])
-        reject, detail, w, h, thumb = "", "", 0, 0, b""
-        crops: dict[int, tuple[bytes, int, int]] = {r: (b"", 0, 0) for r in table}
-        try:
-            ref = json.loads(batch["ref"][i])
-            img = _flipped(decode_image(read_ref(ref), cfg.decode), ref)
-            w, h = img.size
-            for r, buckets in table.items():
-                bh, bw = nearest_bucket(w, h, buckets)
-                crop = resize_center_crop(img, (bh, bw))
-                crops[r] = (crop.tobytes(), bh, bw)
-            if cfg.output.thumbnail_size:
-                t = img.copy()
-                s = cfg.output.thumbnail_size / min(w, h)
-                t = t.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC,
-                             reducing_gap=3.0)
-                buf = io.BytesIO()
-                t.save(buf, "JPEG", quality=85)
-                thumb = buf.getvalue()
-        except Reject as rj:  # inputs changed between scan and load: recorded, never fatal
-            reject, detail = rj.reason, rj.detail
-        out["orig_w"].append(w)
-        out["orig_h"].append(h)
-        out["reject"].append(reject)
-        out["detail"].append(detail)
-        out["thumb"].append(thumb)
-        for r, (px, bh, bw) in crops.items():
-            out[f"px_{r}"].append(px)
-            out[f"bh_{r}"].append(bh)
-            out[f"bw_{r}"].append(bw)
-    return {k: (_obj(v) if k in ("source_id", "caption", "extra", "reject", "detail", "thumb")
-                or k.startswith("px_") else np.asarray(v, dtype=np.int64)) for k, v in out.items()}
+    P = cfg.ray.partitions
+    rows = []
+    for i, r in enumerate(res["rows"]):
+        rows.append({"key": schema.sample_key(r["source_id"]), "sid": r["source_id"], "u": u, "i": i,
+                     "img": json.dumps(r["img"], sort_keys=True), "caption": r["caption"],
+                     "extra": json.dumps(r["extra"], sort_keys=True) if r.get("extra") else "",
+                     "w": r["w"], "h": r["h"], "sha": r["pixhash"],
+                     "phash": to_signed64(r["phash"]), "base": False,
+                     "grid": grid_name(grids_of(r["w"], r["h"], table, downsample))})
+    stg.write_parts("scan", f"u{u:07d}", rows, lambda r: key_part(r["key"], P))
+    stg.put_rejects(f"scan-u{u:07d}.jsonl", res["rejects"])
+    return {"rows": len(rows), "rejects": dict(Counter(r["reason"] for r in res["rejects"]))}
+
+
+def base_hashes_task(chunk: int, shard_keys: list[str], storage: Storage, stg: Staging, parts: int) -> int:
+    """Ray task (append runs): the dataset's hashes.npy rows -> incumbent dedup rows, staged by key range."""
+    rows = []
+    for hk in shard_keys:
+        for j, h in enumerate(schema.read_hashes(storage, hk)):
+            rows.append({"key": h["key"].decode(), "sid": "", "u": -1, "i": j, "img": "", "caption": "",
+                         "extra": "", "w": 0, "h": 0, "sha": h["sha"].ljust(16, b"\0").hex(),
+                         "phash": to_signed64(int(h["phash"])), "base": True, "grid": ""})
+    stg.write_parts("scan", f"b{chunk:07d}", rows, lambda r: key_part(r["key"], parts))
+    return len(rows)
+
+
+def plan_hash(source_ids: list[str], grid: str) -> str:
+    """Fingerprint of a shard's assignment: a committed shard is reused only if it still matches."""
+    h = hashlib.sha256(grid.encode() + b"\0")
+    for s in source_ids:
+        h.update(s.encode("utf-8") + b"\0")
+    return h.hexdigest()[:16]
 
 
 class ClipScorer:
@@ -134,19 +139,19 @@ class ClipScorer:
 
     name = "clip"
 
-    def __init__(self, model_path: str):
+    def __init__(self, model_path: str, device: str = "cpu"):
         import torch
         from transformers import AutoProcessor, CLIPModel
 
-        self.torch = torch
-        self.model = CLIPModel.from_pretrained(model_path, local_files_only=True).eval()
+        self.torch, self.device = torch, torch.device(device)
+        self.model = CLIPModel.from_pretrained(model_path, local_files_only=True).eval().to(self.device)
         self.processor = AutoProcessor.from_pretrained(model_path, local_files_only=True)
 
     def __call__(self, images: list[Image.Image], captions: list[str]) -> list[float]:
         torch = self.torch
         with torch.inference_mode():
             inputs = self.processor(text=captions, images=images, return_tensors="pt", padding=True,
-                                    truncation=True)
+                                    truncation=True).to(self.device)
             out = self.model(**inputs)
             img = torch.nn.functional.normalize(out.image_embeds, dim=-1)
             txt = torch.nn.functional.normalize(out.text_embeds, dim=-1)
@@ -156,18 +161,57 @@ class ClipScorer:
 SCORERS = {"clip": ClipScorer}
 
 
-class TokenizeActor:
-    """Ray actor: VQ (and text encoder, scorer) loaded once; encodes batches per bucket shape."""
+def _thumbnail(img: Image.Image, size: int) -> bytes:
+    w, h = img.size
+    s = size / min(w, h)
+    t = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.Resampling.BICUBIC, reducing_gap=3.0)
+    buf = io.BytesIO()
+    t.save(buf, "JPEG", quality=85)
+    return buf.getvalue()
 
-    def __init__(self, cfg_json: str):
+
+def load_row(row: dict[str, Any], cfg: PrepareConfig, grids: dict[int, tuple[int, int]],
+             downsample: int) -> dict[str, Any]:
+    """Read + decode + bucket-crop one planned row (a thread of the writer actor). Failures become a
+    ``reject`` field: inputs can change between scan and write; that is recorded, never fatal."""
+    out: dict[str, Any] = {"row": row, "reject": "", "detail": ""}
+    try:
+        ref = json.loads(row["img"])
+        img = _flipped(decode_image(read_ref(ref), cfg.decode), ref)
+        if img.size != (row["w"], row["h"]):
+            raise Reject("changed_since_scan", f"size {img.size[0]}x{img.size[1]}, scanned {row['w']}x{row['h']}")
+        out["crops"] = {r: np.asarray(resize_center_crop(img, (gh * downsample, gw * downsample)))
+                        for r, (gh, gw) in grids.items()}
+        out["thumb"] = _thumbnail(img, cfg.output.thumbnail_size) if cfg.output.thumbnail_size else None
+    except Reject as rj:
+        out["reject"], out["detail"] = rj.reason, rj.detail
+    return out
+
+
+COMMIT_DELAY_ENV = "SAR_SCALE_FAULT_COMMIT_DELAY_S"  # fault tests: sleep after each shard commit
+
+
+class TokenizeActor:
+    """Ray actor that writes whole shards: VQ (+ text encoder, scorer) loaded once on its device;
+    per shard it reads the planned rows from staging, loads images in ``tokenize.load_threads`` threads
+    ahead of the encoder, tokenizes in ``tokenize.batch_size`` batches (one aspect bucket per shard, so
+    every batch is one shape) and commits through :func:`sar_scale.data.shards.commit_shard`."""
+
+    def __init__(self, cfg_json: str, storage: Storage, stg: Staging, downsample: int):
         import torch
 
         from sar_scale.tokenizers.vq import load_vq
 
         self.cfg = PrepareConfig.model_validate_json(cfg_json)
-        self.torch = torch
-        torch.set_num_threads(max(1, math.ceil(self.cfg.ray.actor_num_cpus)))
-        self.vq = load_vq(self.cfg.tokenize.vq_path)
+        self.torch, self.storage, self.stg, self.downsample = torch, storage, stg, downsample
+        want = self.cfg.tokenize.device
+        has_gpu = torch.cuda.is_available() and self.cfg.ray.actor_num_gpus > 0
+        if want == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("tokenize.device=cuda but this Ray worker sees no GPU (set ray.actor_num_gpus)")
+        self.device = torch.device("cuda" if want == "cuda" or (want == "auto" and has_gpu) else "cpu")
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, math.ceil(self.cfg.ray.actor_num_cpus)))
+        self.vq = load_vq(self.cfg.tokenize.vq_path).to(self.device).eval()
         self.dtype = torch.bfloat16 if self.cfg.tokenize.dtype == "bfloat16" else None
         self.res = self.cfg.tokenize.resolutions
         self.text = None
@@ -175,59 +219,104 @@ class TokenizeActor:
             from sar_scale.tokenizers.text import TextEncoder
 
             self.text = TextEncoder.from_pretrained(self.cfg.tokenize.text_encoder_path,
-                                                    max_length=self.cfg.tokenize.text_max_length)
+                                                    max_length=self.cfg.tokenize.text_max_length, device=self.device)
         sc = self.cfg.filters.scorer
-        self.scorer = SCORERS[sc.kind](sc.model_path) if sc.model_path else None
+        self.scorer = SCORERS[sc.kind](sc.model_path, str(self.device)) if sc.model_path else None
+        self.pool = ThreadPoolExecutor(self.cfg.tokenize.load_threads)
+        self._cache: tuple[str, list[dict[str, Any]]] | None = None
 
-    def _encode(self, px: list[bytes], hw: tuple[int, int]) -> list[np.ndarray]:
+    def device_info(self) -> dict[str, Any]:
+        return {"device": str(self.device), "dtype": str(self.dtype), "pid": os.getpid()}
+
+    def _rows(self, grid: str, slices: list[list[int]]) -> list[dict[str, Any]]:
+        rows: list[dict[str, Any]] = []
+        for p, lo, hi in slices:
+            key = self.stg.key("assign", grid, f"p{p:05d}.parquet")
+            if self._cache is None or self._cache[0] != key:  # neighbouring shards share partition files
+                self._cache = (key, self.stg.get_rows(key))
+            rows += self._cache[1][lo:hi]
+        return rows
+
+    def _encode(self, crops: list[np.ndarray]) -> list[np.ndarray]:
         torch = self.torch
-        h, w = hw
-        out = []
-        bs = self.cfg.tokenize.batch_size
-        for s in range(0, len(px), bs):
-            x_BHW3 = np.stack([np.frombuffer(p, np.uint8).reshape(h, w, 3) for p in px[s: s + bs]])
-            x_B3HW = torch.from_numpy(x_BHW3).permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
-            codes_Bhw = self.vq.encode(x_B3HW, dtype=self.dtype)
-            out += [c.numpy().astype(np.int32) for c in codes_Bhw]
-        return out
+        x_BHW3 = torch.from_numpy(np.stack(crops)).to(self.device)
+        x_B3HW = x_BHW3.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+        codes_Bhw = self.vq.encode(x_B3HW, dtype=self.dtype)
+        return [c.cpu().numpy().astype(np.int32) for c in codes_Bhw]
 
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["source_id"])
-        ok = [i for i in range(n) if not batch["reject"][i]]
-        reject = list(batch["reject"])
-        detail = list(batch["detail"])
-        scores: list[dict[str, float]] = [{} for _ in range(n)]
+    def _tokenize(self, batch: list[dict[str, Any]]) -> None:
+        """Fill ``tokens`` / ``text`` / ``scores`` of the loaded rows of one batch (rejects skipped)."""
+        ok = [b for b in batch if not b["reject"]]
         if self.scorer is not None and ok:
             r0 = self.res[0]
-            imgs = [Image.frombytes("RGB", (int(batch[f"bw_{r0}"][i]), int(batch[f"bh_{r0}"][i])),
-                                    batch[f"px_{r0}"][i]) for i in ok]
-            vals = self.scorer(imgs, [str(batch["caption"][i]) for i in ok])
+            vals = self.scorer([Image.fromarray(b["crops"][r0]) for b in ok], [b["row"]["caption"] for b in ok])
             min_score = self.cfg.filters.scorer.min_score
-            for i, v in zip(ok, vals):
-                scores[i][self.scorer.name] = float(v)
+            for b, v in zip(ok, vals):
+                b["scores"] = {self.scorer.name: float(v)}
                 if min_score is not None and v < min_score:
-                    reject[i], detail[i] = "low_score", f"{self.scorer.name}={v:.4f} < {min_score}"
-            ok = [i for i in ok if not reject[i]]
-        out: dict[str, Any] = {k: batch[k] for k in ("shard", "pos", "source_id", "caption", "extra",
-                                                     "orig_w", "orig_h", "thumb")}
+                    b["reject"], b["detail"] = "low_score", f"{self.scorer.name}={v:.4f} < {min_score}"
+            ok = [b for b in ok if not b["reject"]]
+        if not ok:
+            return
         for r in self.res:
-            toks: list[bytes] = [b""] * n
-            gh, gw = [0] * n, [0] * n
-            groups: dict[tuple[int, int], list[int]] = {}
-            for i in ok:
-                groups.setdefault((int(batch[f"bh_{r}"][i]), int(batch[f"bw_{r}"][i])), []).append(i)
-            for hw, idx in sorted(groups.items()):
-                for i, codes_hw in zip(idx, self._encode([batch[f"px_{r}"][i] for i in idx], hw)):
-                    toks[i] = codes_hw.tobytes()
-                    gh[i], gw[i] = codes_hw.shape
-            out[f"tok_{r}"], out[f"gh_{r}"], out[f"gw_{r}"] = _obj(toks), np.asarray(gh), np.asarray(gw)
-        text, tlen, tdim = [b""] * n, [0] * n, [0] * n
-        if self.text is not None and ok:
-            emb_BLD, mask_BL = self.text([str(batch["caption"][i]) for i in ok])
-            for j, i in enumerate(ok):
-                valid_LD = emb_BLD[j][mask_BL[j]].float().numpy().astype(np.float16)
-                text[i], tlen[i], tdim[i] = valid_LD.tobytes(), valid_LD.shape[0], valid_LD.shape[1]
-        out |= {"text": _obj(text), "text_len": np.asarray(tlen), "text_dim": np.asarray(tdim),
-                "reject": _obj(reject), "detail": _obj(detail),
-                "scores": _obj([json.dumps(s, sort_keys=True) for s in scores])}
-        return out
+            for b, codes_hw in zip(ok, self._encode([b["crops"][r] for b in ok])):
+                b.setdefault("tokens", {})[r] = codes_hw
+        if self.text is not None:
+            emb_BLD, mask_BL = self.text([b["row"]["caption"] for b in ok])
+            for j, b in enumerate(ok):
+                b["text"] = emb_BLD[j][mask_BL[j]].float().cpu().numpy().astype(np.float16)
+
+    def write(self, spec: dict[str, Any]) -> dict[str, Any]:
+        """Write shard ``spec["index"]`` (or keep it when already committed with the same plan)."""
+        name, i = self.cfg.output.name, spec["index"]
+        rows = self._rows(spec["grid"], spec["slices"])
+        ph = plan_hash([r["sid"] for r in rows], spec["grid"])
+        try:
+            old = schema.read_shard_stats(self.storage, schema.stats_name(name, i))
+        except (StorageNotFound, schema.SchemaError):
+            old = None
+        if old and old.get("config_hash") == spec["config_hash"] and old.get("plan_hash") == ph \
+                and self.storage.exists(schema.tar_name(name, i)):
+            stats, skipped = old, True
+        else:
+            stats, skipped = self._write(spec, rows, ph), False
+        self.stg.put_rejects(f"write-s{i:06d}.jsonl", stats.get("reject_ids", []))
+        return {"index": i, "skipped": skipped, "stats": {k: v for k, v in stats.items() if k != "reject_ids"}}
+
+    def _write(self, spec: dict[str, Any], rows: list[dict[str, Any]], ph: str) -> dict[str, Any]:
+        cfg, name, i = self.cfg, self.cfg.output.name, spec["index"]
+        grids = parse_grid_name(spec["grid"])
+        bs = cfg.tokenize.batch_size
+        batches = [rows[s: s + bs] for s in range(0, len(rows), bs)]
+        # loads run ahead of the encoder: batch k+1 (and k+2) decode while batch k is tokenized
+        futures = [[self.pool.submit(load_row, r, cfg, grids, self.downsample) for r in b] for b in batches[:2]]
+        done: list[dict[str, Any]] = []
+        for k in range(len(batches)):
+            if k + 2 < len(batches):
+                futures.append([self.pool.submit(load_row, r, cfg, grids, self.downsample) for r in batches[k + 2]])
+            batch = [f.result() for f in futures[k]]
+            futures[k] = []
+            self._tokenize(batch)
+            for b in batch:
+                b.pop("crops", None)
+            done += batch
+        good = [b for b in done if not b["reject"]]
+        rejected = [{"source_id": b["row"]["sid"], "reason": b["reject"], "detail": b["detail"]}
+                    for b in done if b["reject"]]
+
+        def samples():
+            for b in good:
+                row = b["row"]
+                yield schema.make_sample(row["sid"], row["caption"], b["tokens"], (row["w"], row["h"]),
+                                         scores=b.get("scores"), text_features=b.get("text"),
+                                         thumbnail_jpg=b.get("thumb"),
+                                         extra=json.loads(row["extra"]) if row["extra"] else None)
+
+        hashes = hashes_array((b["row"]["key"], b["row"]["sha"], to_unsigned64(b["row"]["phash"])) for b in good)
+        stats = commit_shard(self.storage, name, i, samples(), grids, hashes=hashes,
+                             rejects=Counter(r["reason"] for r in rejected), run=spec["run"],
+                             extra={"config_hash": spec["config_hash"], "plan_hash": ph, "reject_ids": rejected})
+        delay = float(os.environ.get(COMMIT_DELAY_ENV, "0") or 0)
+        if delay:
+            time.sleep(delay)
+        return stats

@@ -11,7 +11,6 @@ import io
 import struct
 import unicodedata
 import warnings
-from collections import defaultdict
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -26,7 +25,7 @@ REASONS = (
     "truncated", "animated", "too_small", "aspect_ratio", "caption_missing", "caption_not_utf8",
     "caption_empty", "caption_too_long", "caption_too_short", "duplicate", "near_duplicate",
     "duplicate_source_id", "low_score", "unsafe_member", "image_missing", "read_error", "corrupt_tar",
-    "class_missing", "unknown_class",
+    "invalid_row", "changed_since_scan", "class_missing", "unknown_class",
 )
 
 
@@ -165,40 +164,3 @@ def perceptual_hash(img: Image.Image) -> int:
     import imagehash
 
     return int(str(imagehash.phash(img, hash_size=8)), 16)
-
-
-class NearDupIndex:
-    """Find stored 64-bit hashes within Hamming distance ``t`` of a query.
-
-    Hand-written because imagehash has no index. Pigeonhole banding: split the 64 bits into
-    ``t + 1`` bands; two hashes within distance ``t`` agree exactly on at least one band, so only
-    hashes sharing a band are compared (exact, no false negatives).
-    """
-
-    def __init__(self, max_distance: int, bits: int = 64):
-        self.t = max_distance
-        n = max_distance + 1
-        edges = np.linspace(0, bits, n + 1).round().astype(int)
-        self.bands = [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
-        self.tables: list[dict[int, list[int]]] = [defaultdict(list) for _ in self.bands]
-        self.ids: list[str] = []
-        self.hashes: list[int] = []
-
-    def _keys(self, h: int) -> list[int]:
-        return [(h >> a) & ((1 << (b - a)) - 1) for a, b in self.bands]
-
-    def query(self, h: int) -> str | None:
-        """Id of a stored hash within distance t (the first added), or None."""
-        best = None
-        for table, k in zip(self.tables, self._keys(h)):
-            for i in table.get(k, ()):
-                if (self.hashes[i] ^ h).bit_count() <= self.t and (best is None or i < best):
-                    best = i
-        return None if best is None else self.ids[best]
-
-    def add(self, h: int, ident: str) -> None:
-        i = len(self.hashes)
-        self.hashes.append(h)
-        self.ids.append(ident)
-        for table, k in zip(self.tables, self._keys(h)):
-            table[k].append(i)

@@ -1,25 +1,12 @@
-"""The shard format shared by the writer (``pipelines/``) and the reader (``data/loader.py``).
+"""The shard format shared by the writers (``pipelines/``, debug/demo data) and the reader (``data/loader.py``).
 
 Format v2 (``SCHEMA_VERSION = 2``, docs/shard-format.md) is the contract: aspect-bucket shards, a
 compact per-shard ``index.npy`` (:data:`INDEX_DTYPE`) and ``hashes.npy`` (:data:`HASHES_DTYPE`),
-``stats.json`` written last as the commit marker, a manifest with per-shard grids. Its functions
-are ``make_shard_stats`` / ``validate_shard_stats`` / ``read_shard_stats``, ``read_index``,
-``read_hashes`` and ``make_dataset_manifest`` / ``validate_dataset_manifest`` /
-``read_dataset_manifest`` / ``write_dataset_manifest``; shards are written by
-:func:`sar_scale.data.shards.commit_shard`. v2 readers refuse v1 data with a :class:`SchemaError`.
-
-The v1 helpers below (``make_stats``, ``build_index``, ``make_manifest``, ...: a JSON object per
-sample in ``stats.json``) remain only until every writer and reader has switched to v2.
-
-v1 layout under a storage root (see docs/interfaces.md):
-
-    {name}-000000.tar          webdataset tar: per sample {key}.tokens_256.npy, {key}.txt, {key}.json, ...
-    {name}-000000.stats.json   written LAST: its presence commits the shard (img2dataset-style)
-    manifest.json              summary of all committed shards, written at the end of a job
-    rejects.jsonl              {"source_id", "reason"} per rejected input
-
-``stats.json`` carries an ``index`` with each member's byte range inside the tar, so a loader can
-range-read one sample (one GET) instead of streaming the whole tar.
+``stats.json`` written last as the commit marker, a manifest with per-shard grids. Functions:
+``make_shard_stats`` / ``validate_shard_stats`` / ``read_shard_stats``, ``read_index``,
+``read_hashes``, ``make_dataset_manifest`` / ``validate_dataset_manifest`` / ``read_dataset_manifest``
+/ ``write_dataset_manifest``; shards are written by :func:`sar_scale.data.shards.commit_shard`.
+Readers refuse v1 data (a JSON object per sample in ``stats.json``) with a :class:`SchemaError`.
 """
 
 from __future__ import annotations
@@ -38,7 +25,7 @@ import numpy as np
 from sar_scale.data.storage import Storage
 
 SCHEMA_VERSION = 2
-SCHEMA_VERSION_V1 = 1  # written by the legacy v1 helpers only (removed once nothing writes v1)
+SCHEMA_VERSION_V1 = 1  # recognised only to refuse v1 data with a clear message
 
 # Member extensions (the part after "{key}." in the tar).
 TXT = "txt"
@@ -172,11 +159,12 @@ def make_sample(source_id: str, caption: str, tokens: dict[int, np.ndarray], ori
     return sample
 
 
-# ----------------------------------------------------------------------------- index of a tar
+# ----------------------------------------------------------------------------- commits, rejects
 
 
 def build_index(tar: str | Path | IO[bytes]) -> list[dict[str, Any]]:
-    """Per sample: key, token grid per resolution, and ``[offset, size]`` of each member's data.
+    """Per sample: key, token grid per resolution, and ``[offset, size]`` of each member's data
+    (a per-member index of any webdataset tar; shards carry the compact per-sample ``index.npy``).
 
     Reads the finished tar with :mod:`tarfile` (``TarInfo.offset_data``), so offsets are exactly
     what a Range GET needs. Samples keep tar order. Accepts a path or a readable stream.
@@ -211,53 +199,6 @@ def build_index(tar: str | Path | IO[bytes]) -> list[dict[str, Any]]:
     return index
 
 
-# ----------------------------------------------------------------------------- stats / manifest
-
-
-def make_stats(name: str, index: int, samples: int, rejects: dict[str, int], nbytes: int,
-               sample_index: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    stats = {"shard": shard_stem(name, index), "samples": int(samples),
-             "rejects": {k: int(v) for k, v in sorted(rejects.items())}, "bytes": int(nbytes),
-             "index": sample_index, "schema_version": SCHEMA_VERSION_V1}
-    if extra:
-        stats.update(extra)
-    return stats
-
-
-def validate_stats(stats: Any, source: str = "stats.json") -> dict[str, Any]:
-    """Check the fields a reader relies on; raises :class:`SchemaError` naming the bad field."""
-    if not isinstance(stats, dict):
-        raise SchemaError(f"{source}: top level must be an object")
-    for field, typ in (("shard", str), ("samples", int), ("rejects", dict), ("bytes", int), ("index", list)):
-        if field not in stats:
-            raise SchemaError(f"{source}: missing field '{field}'")
-        if not isinstance(stats[field], typ):
-            raise SchemaError(f"{source}: field '{field}' must be {typ.__name__}")
-    if len(stats["index"]) != stats["samples"]:
-        raise SchemaError(f"{source}: 'index' has {len(stats['index'])} entries but 'samples' is "
-                          f"{stats['samples']}")
-    for i, e in enumerate(stats["index"]):
-        if not isinstance(e, dict) or "key" not in e or not isinstance(e.get("members"), dict):
-            raise SchemaError(f"{source}: index[{i}] needs 'key' and 'members'")
-    return stats
-
-
-def write_stats(storage: Storage, name: str, index: int, stats: dict[str, Any]) -> str:
-    """Write the commit marker for shard ``index`` (call only after its tar is in place)."""
-    validate_stats(stats, stats_name(name, index))
-    key = stats_name(name, index)
-    storage.put_bytes(json.dumps(stats, sort_keys=True).encode("utf-8"), key)
-    return key
-
-
-def read_stats(storage: Storage, key: str) -> dict[str, Any]:
-    try:
-        data = json.loads(storage.get_bytes(key))
-    except json.JSONDecodeError as e:
-        raise SchemaError(f"{storage.url(key)}: invalid JSON: {e}") from None
-    return validate_stats(data, storage.url(key))
-
-
 def committed_shards(storage: Storage, name: str | None = None, prefix: str = "") -> list[tuple[str, str]]:
     """``(tar_key, stats_key)`` of every committed shard (stats present AND tar present), sorted."""
     keys = set(storage.list(prefix))
@@ -270,46 +211,6 @@ def committed_shards(storage: Storage, name: str | None = None, prefix: str = ""
         if tar in keys:
             out.append((tar, k))
     return out
-
-
-def make_manifest(shards: list[dict[str, Any]], resolutions: Iterable[int],
-                  buckets: dict[str, dict[str, int]], config_hash: str, versions: dict[str, str],
-                  text_features: bool, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    man = {"shards": shards, "resolutions": [int(r) for r in resolutions], "buckets": buckets,
-           "samples": int(sum(s["samples"] for s in shards)), "config_hash": config_hash,
-           "versions": versions, "text_features": bool(text_features), "schema_version": SCHEMA_VERSION_V1}
-    if extra:
-        man.update(extra)
-    return validate_manifest(man)
-
-
-def validate_manifest(man: Any, source: str = MANIFEST) -> dict[str, Any]:
-    if not isinstance(man, dict):
-        raise SchemaError(f"{source}: top level must be an object")
-    for field, typ in (("shards", list), ("resolutions", list), ("buckets", dict), ("samples", int),
-                       ("config_hash", str), ("versions", dict), ("text_features", bool)):
-        if field not in man:
-            raise SchemaError(f"{source}: missing field '{field}'")
-        if not isinstance(man[field], typ):
-            raise SchemaError(f"{source}: field '{field}' must be {typ.__name__}")
-    for i, s in enumerate(man["shards"]):
-        if not isinstance(s, dict) or not {"tar", "stats", "samples"} <= set(s):
-            raise SchemaError(f"{source}: shards[{i}] needs 'tar', 'stats', 'samples'")
-    return man
-
-
-def write_manifest(storage: Storage, manifest: dict[str, Any]) -> str:
-    validate_manifest(manifest)
-    storage.put_bytes(json.dumps(manifest, indent=1, sort_keys=True).encode("utf-8"), MANIFEST)
-    return MANIFEST
-
-
-def read_manifest(storage: Storage) -> dict[str, Any]:
-    try:
-        data = json.loads(storage.get_bytes(MANIFEST))
-    except json.JSONDecodeError as e:
-        raise SchemaError(f"{storage.url(MANIFEST)}: invalid JSON: {e}") from None
-    return validate_manifest(data, storage.url(MANIFEST))
 
 
 def write_rejects(storage: Storage, rejects: Iterable[dict[str, Any]]) -> str:

@@ -85,8 +85,23 @@ class Storage(ABC):
     def size(self, key: str) -> int: ...
 
     @abstractmethod
+    def iter_list(self, prefix: str = "") -> Iterator[str]:
+        """Keys under ``prefix`` in sorted (code point) order, lazily, page by page: memory does not grow
+        with the number of keys (S3: 1000 per page; local: one directory at a time)."""
+
     def list(self, prefix: str = "") -> list[str]:
         """Keys under ``prefix`` (relative to the root), sorted; in-flight temp objects excluded."""
+        return list(self.iter_list(prefix))
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Delete every key under ``prefix`` (page by page); returns how many."""
+        if not prefix:
+            raise ValueError("delete_prefix: refusing to delete the whole storage root")
+        n = 0
+        for k in self.iter_list(prefix):
+            self.delete(k)
+            n += 1
+        return n
 
     @abstractmethod
     def delete(self, key: str) -> None:
@@ -176,11 +191,38 @@ class LocalStorage(Storage):
                 if rel.startswith(prefix):
                     yield rel
 
-    def list(self, prefix: str = "") -> list[str]:
-        return sorted(k for k in self._walk(prefix) if TMP_MARK not in k)
+    def iter_list(self, prefix: str = "") -> Iterator[str]:
+        # Sorted like S3 (by full key): a directory "d" sorts as "d/", so walking each level in that
+        # order yields keys in global order while holding one directory listing at a time.
+        def walk(d: Path, rel: str) -> Iterator[str]:
+            try:
+                entries = list(os.scandir(d))
+            except (FileNotFoundError, NotADirectoryError):
+                return
+            items = sorted((e.name + "/" if e.is_dir() else e.name, e) for e in entries)
+            for name, e in items:
+                key = rel + name
+                if name.endswith("/"):
+                    if key.startswith(prefix) or prefix.startswith(key):
+                        yield from walk(Path(e.path), key)
+                elif key.startswith(prefix) and TMP_MARK not in key:
+                    yield key
+
+        yield from walk(self.path, "")
 
     def delete(self, key: str) -> None:
         self._p(key).unlink(missing_ok=True)
+
+    def delete_prefix(self, prefix: str) -> int:
+        n = super().delete_prefix(prefix)
+        top = self.path / prefix.rstrip("/")
+        if prefix.endswith("/") and top.is_dir():  # no empty folders left where the objects were
+            for d in sorted((p for p in top.rglob("*") if p.is_dir()), reverse=True):
+                if not any(d.iterdir()):
+                    d.rmdir()
+            if not any(top.iterdir()):
+                top.rmdir()
+        return n
 
     def url(self, key: str = "") -> str:
         return str(self._p(key)) if key else self.root
@@ -396,6 +438,8 @@ class S3Storage(Storage):
             self._call("upload", key, self.client.upload_file, str(local), self.bucket, self._k(key),
                        Config=cfg)
         except BaseException:
+            if os.path.getsize(local) < self.multipart_threshold:
+                raise  # a single PutObject: nothing incomplete can be left
             # The transfer manager aborts on failure, but its abort can fail too (the same outage):
             # never leave a billed, invisible incomplete upload of this key behind.
             try:
@@ -490,24 +534,48 @@ class S3Storage(Storage):
         r = self._call("head", key, self.client.head_object, Bucket=self.bucket, Key=self._k(key))
         return int(r["ContentLength"])
 
-    def list(self, prefix: str = "") -> list[str]:
+    def iter_list(self, prefix: str = "") -> Iterator[str]:
         full = f"{self.prefix}/{prefix}" if self.prefix else prefix
         cut = len(self.prefix) + 1 if self.prefix else 0
-
-        def run():
-            keys = []
-            for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
-                                                                               Prefix=full):
-                keys += [o["Key"][cut:] for o in page.get("Contents", [])]
-            return keys
-
-        return sorted(k for k in self._call("list", prefix, run) if k and TMP_MARK not in k)
+        pages = self._call("list", prefix, lambda: iter(self.client.get_paginator("list_objects_v2").paginate(
+            Bucket=self.bucket, Prefix=full)))
+        while True:  # S3 lists in UTF-8 byte order = Python's code point order
+            page = self._call("list", prefix, next, pages, None)
+            if page is None:
+                return
+            for o in page.get("Contents", []):
+                k = o["Key"][cut:]
+                if k and TMP_MARK not in k:
+                    yield k
 
     def delete(self, key: str) -> None:
         self._call("delete", key, self.client.delete_object, Bucket=self.bucket, Key=self._k(key))
 
     def url(self, key: str = "") -> str:
         return f"s3://{self.bucket}/{self._k(key)}" if key else self.root
+
+    def delete_prefix(self, prefix: str) -> int:
+        """Batched: one DeleteObjects request per listing page (up to 1000 keys)."""
+        if not prefix:
+            raise ValueError("delete_prefix: refusing to delete the whole storage root")
+        n, batch = 0, []
+
+        def flush() -> None:
+            r = self._call("delete", prefix, self.client.delete_objects, Bucket=self.bucket,
+                           Delete={"Objects": [{"Key": self._k(k)} for k in batch], "Quiet": True})
+            if r.get("Errors"):
+                e = r["Errors"][0]
+                raise StorageError(f"delete s3://{self.bucket}/{e.get('Key')} failed: {e.get('Code')}")
+
+        for k in self.iter_list(prefix):
+            batch.append(k)
+            if len(batch) == 1000:
+                flush()
+                n, batch = n + len(batch), []
+        if batch:
+            flush()
+            n += len(batch)
+        return n
 
     def clean_temp(self) -> int:
         """Abort multipart uploads under the prefix left by a crashed writer (invisible to readers,

@@ -261,7 +261,7 @@ def _data_info(src: CheckpointSource) -> list[dict[str, Any]]:
         row = {"stage": st.get("name"), "url": redact_text(str(url)) if url else None}
         if url:
             try:
-                man = schema.read_manifest(open_storage(url))
+                man = schema.read_dataset_manifest(open_storage(url))
                 row.update(samples=man.get("samples"), text_features=man.get("text_features"))
             except Exception as e:  # noqa: BLE001 - the card is still useful without counts
                 logger.info("data manifest of stage %s not readable (%s): no sample counts", st.get("name"),
@@ -282,7 +282,7 @@ def _manifest_paths(src: CheckpointSource) -> dict[str, Any]:
     if not url:
         return {}
     try:
-        man = schema.read_manifest(open_storage(url))
+        man = schema.read_dataset_manifest(open_storage(url))
     except Exception:  # noqa: BLE001 - optional hint only
         return {}
     tok = (man.get("config") or {}).get("tokenize") or {}

@@ -130,7 +130,7 @@ def prepare_config(path: Path, input_path: str, out_url: str, vq: Path, **sectio
                     "caption_max_chars": 300, "near_dedup": False},
         "tokenize": {"vq_path": str(vq), "resolutions": [64], "max_ratio": 2.0, "batch_size": 8},
         "output": {"url": out_url, "name": "d", "samples_per_shard": 8},
-        "ray": {"num_cpus": 2, "tokenize_actors": 1, "actor_num_cpus": 1.0, "load_num_cpus": 0.25,
+        "ray": {"num_cpus": 2, "tokenize_actors": 1, "actor_num_cpus": 1.0, "load_num_cpus": 0.25, "partitions": 2,
                 "scan_num_cpus": 0.5},
     }
     for k, v in sections.items():

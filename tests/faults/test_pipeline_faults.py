@@ -110,7 +110,7 @@ def test_bad_input_corpus_each_rejected_or_normalised_none_lost(outage_run, clea
     ids = source_ids(st)
     assert len(ids) == len(set(ids)), "a sample was written twice"
     rejects = {r["source_id"]: r["reason"] for r in schema.read_rejects(st)}
-    man = schema.read_manifest(st)
+    man = schema.read_dataset_manifest(st)
     assert man["inputs"] == len(expect) == len(ids) + len(rejects)  # count in == out + rejected
     assert set(ids) | set(rejects) == set(expect) and not set(ids) & set(rejects)
     for sid, fate in expect.items():

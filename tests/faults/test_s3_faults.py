@@ -106,9 +106,9 @@ def test_permanent_outage_ends_each_client_path_with_a_clear_error(s3_server, tm
     budget, in bounded time (no hang). Run concurrently, one outage kind each, with a 4-attempt budget to keep
     the suite fast (the default 8 retries back off for at most 1+2+4+8+16+20+20+20 = 91 s; the `data prepare`
     CLI is run against an outage with the defaults in test_pipeline_faults.py)."""
-    from pipelines.writer import write_shard
     from sar_scale.checkpoint.manager import CheckpointManager
     from sar_scale.data.loader import DatasetIndex
+    from sar_scale.data.shards import commit_shard
 
     ATTEMPTS = 4
     bucket = s3_server.make_bucket("flt-outage")
@@ -121,7 +121,7 @@ def test_permanent_outage_ends_each_client_path_with_a_clear_error(s3_server, tm
 
     def pipeline_upload(ep: str):
         st = S3Storage(f"s3://{bucket}/shards", endpoint_url=ep, max_attempts=ATTEMPTS)
-        write_shard(st, "d", 0, [], [64], str(tmp_path), {})
+        commit_shard(st, "d", 0, [], {64: (8, 8)}, tmp_dir=tmp_path)
 
     def loader_read(ep: str):
         DatasetIndex(f"s3://{bucket}/shards", storage=S3Storage(f"s3://{bucket}/shards", endpoint_url=ep,
@@ -132,7 +132,7 @@ def test_permanent_outage_ends_each_client_path_with_a_clear_error(s3_server, tm
         mgr._mirror = S3Storage(f"s3://{bucket}/ckpt", endpoint_url=ep, max_attempts=ATTEMPTS)
         mgr._upload(tag, files)  # what the trainer's background upload thread runs
 
-    jobs = {"pipeline_upload": (pipeline_upload, "503", "d-000000.tar"),
+    jobs = {"pipeline_upload": (pipeline_upload, "503", "d-000000."),  # stale stats delete, then the tar
             "loader_read": (loader_read, "500", "manifest.json"),
             "checkpoint_upload": (checkpoint_upload, "reset", f"{tag}/")}
     results: dict[str, tuple[BaseException | None, float]] = {}

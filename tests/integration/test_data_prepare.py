@@ -105,9 +105,11 @@ def test_local_end_to_end(clean_run):
     assert set(samples) == expected["good"]  # every good sample exactly once
     rejects = {r["source_id"]: r["reason"] for r in schema.read_rejects(open_storage(url))}
     assert rejects == expected["rejects"]
-    man = schema.read_manifest(open_storage(url))
+    man = schema.read_dataset_manifest(open_storage(url))
     assert man["samples"] == len(expected["good"]) == summary["samples"]
-    assert man["resolutions"] == RES and len(man["shards"]) == summary["shards"] == 6
+    # aspect-bucket shards: 3 buckets of 11, 11 and 8 samples at 5 per shard
+    assert man["resolutions"] == RES and len(man["shards"]) == summary["shards"] == 8
+    assert sorted(s["samples"] for s in man["shards"]) == [1, 1, 3, 5, 5, 5, 5, 5]
     assert sum(man["buckets"]["32"].values()) == len(expected["good"])
     assert summary["rejects"] == {r: list(expected["rejects"].values()).count(r)
                                   for r in set(expected["rejects"].values())}
@@ -122,20 +124,26 @@ def test_local_end_to_end(clean_run):
     rot = json.loads(samples["special/rotated.jpg"]["json"])
     assert rot["orig_size"] == [112, 64] and rot["buckets"]["32"] == [3, 5]  # EXIF applied -> landscape
     assert samples["special/ctrl.png"]["txt"] == b"a red circle on the left"
-    # stats index byte ranges point at the members (a loader's range read)
+    # every shard holds one aspect bucket; its index.npy ranges are whole samples (a loader's range read)
     st = open_storage(url)
-    stats = schema.read_stats(st, man["shards"][0]["stats"])
-    e = stats["index"][0]
-    off, size = e["members"]["tokens_64.npy"]
-    got = schema.decode_npy(st.get_range(man["shards"][0]["tar"], off, size))
-    assert list(got.shape) == e["buckets"]["64"]
+    for entry in man["shards"]:
+        index = schema.read_index(st, entry["index"])
+        blob = st.get_range(entry["tar"], int(index["start"][0]), int(index["end"][0] - index["start"][0]))
+        with tarfile.open(fileobj=io.BytesIO(blob), mode="r|") as tf:
+            members = {ti.name.split(".", 1)[1]: tf.extractfile(ti).read() for ti in tf}
+        assert json.loads(members["json"])["buckets"] == entry["grids"]
+        assert list(schema.decode_npy(members["tokens_64.npy"]).shape) == entry["grids"]["64"]
+        for sample in wds.WebDataset(st.url(entry["tar"]), shardshuffle=False):
+            assert json.loads(sample["json"])["buckets"] == entry["grids"]
+        hashes = schema.read_hashes(st, schema.hashes_name("shapes", schema.parse_shard_name(entry["tar"])[1]))
+        assert hashes["key"].tolist() == index["key"].tolist()
 
 
 def test_rerun_skips_committed_and_is_identical(clean_run):
     root, _, _ = clean_run
     before = _tar_digests(str(root / "clean"))
     summary = run(_cfg(root))
-    assert summary["shards_written"] == 0 and summary["shards_skipped"] == 6
+    assert summary["shards_written"] == 0 and summary["shards_skipped"] == 8
     assert _tar_digests(str(root / "clean")) == before
     # a different config must not silently mix into the same output
     from sar_scale.config import ConfigError
@@ -184,18 +192,22 @@ def test_crash_mid_job_then_rerun_equals_clean_run(clean_run):
             _kill_session(proc)
         log.close()
     committed = len(list(out.glob("*.stats.json")))
-    assert 2 <= committed < 5 and not (out / "manifest.json").exists()
+    assert 2 <= committed < 7 and not (out / "manifest.json").exists()
     # worst case on disk: the next shard's tar without stats, and a torn temp file
     tars = sorted(out.glob("*.tar"))
-    (out / schema.tar_name("shapes", 5)).write_bytes(tars[0].read_bytes()[:1000])
-    (out / (schema.tar_name("shapes", 4) + ".tmp-deadbeef")).write_bytes(b"partial")
-    (out / schema.stats_name("shapes", 4)).write_bytes(sorted(out.glob("*.stats.json"))[0].read_bytes())
+    missing = sorted(i for i in range(8) if not (out / schema.stats_name("shapes", i)).exists())
+    (out / schema.tar_name("shapes", missing[-1])).write_bytes(tars[0].read_bytes()[:1000])
+    (out / (schema.tar_name("shapes", missing[0]) + ".tmp-deadbeef")).write_bytes(b"partial")
+    # a commit marker of another shard's plan must not make a wrong shard look committed
+    (out / schema.stats_name("shapes", missing[0])).write_bytes(sorted(out.glob("*.stats.json"))[0].read_bytes())
+    (out / schema.tar_name("shapes", 9)).write_bytes(b"outside the plan")
 
     summary = run(_cfg(root, **{"output.url": str(out)}))
-    assert summary["shards_skipped"] == committed and summary["shards_written"] == 6 - committed
+    assert summary["shards_skipped"] == committed and summary["shards_written"] == 8 - committed
     assert _tar_digests(str(out)) == _tar_digests(str(root / "clean"))  # byte-identical shards
     assert set(_read_all(str(out))) == expected["good"]
-    assert not [p for p in out.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in out.iterdir() if ".tmp-" in p.name or p.name.startswith("_staging")]
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in (root / "clean").iterdir())
     assert all((out / (t.name[:-4] + ".stats.json")).exists() for t in out.glob("*.tar"))
     assert (schema.read_rejects(open_storage(out)) == schema.read_rejects(open_storage(root / "clean")))
 
@@ -237,7 +249,7 @@ def test_s3_tar_inputs_to_s3_shards(clean_run, tmp_path):
     assert summary["rejects"] == {"unsafe_member": 1}
     register_webdataset_s3()
     st = open_storage("s3://prep-out/shards")
-    man = schema.read_manifest(st)
+    man = schema.read_dataset_manifest(st)
     keys = [s["__key__"] for s in wds.WebDataset(st.url(schema.brace_pattern("shapes", 3)), shardshuffle=False)]
     assert sorted(keys) == sorted(schema.sample_key(f"in-{t}.tar/s{t}_{i}") for t in range(2) for i in range(4))
     assert man["samples"] == 8 and [s["samples"] for s in man["shards"]] == [3, 3, 2]
@@ -271,7 +283,7 @@ def test_manifest_input_with_text_features_and_thumbnails(clean_run, tmp_path):
     from PIL import Image
 
     assert min(Image.open(io.BytesIO(s["jpg"])).size) == 24
-    assert schema.read_manifest(open_storage(tmp_path / "out"))["text_features"] is True
+    assert schema.read_dataset_manifest(open_storage(tmp_path / "out"))["text_features"] is True
 
 
 def test_imagefolder_class_conditional_with_flips(clean_run, tmp_path):
@@ -294,3 +306,49 @@ def test_imagefolder_class_conditional_with_flips(clean_run, tmp_path):
     assert a.shape == b.shape and not np.array_equal(a, b)
     classes = json.loads(open_storage(tmp_path / "out").get_bytes("classes.json"))
     assert classes == {"num_classes": 2, "classes": {"a_dog": 0, "b_cat": 1}}
+
+
+def test_append_run_adds_shards_dedups_against_the_dataset_and_rerun_is_a_noop(clean_run, tmp_path):
+    root, expected, _ = clean_run
+    import shutil
+
+    from sar_scale.config import ConfigError
+
+    ds = tmp_path / "ds"
+    shutil.copytree(root / "clean", ds)
+    before = {k: v for k, v in _tar_digests(str(ds)).items()}
+    old_objects = {p.name: p.read_bytes() for p in ds.iterdir() if p.name != "manifest.json"}
+    # a new crawl: 5 new photos, a re-encoded copy of a dataset image under a new name, and a file whose
+    # source id the dataset already has
+    new = tmp_path / "crawl"
+    (new / "special").mkdir(parents=True)
+    for i in range(5):
+        photo(96, 64, 500 + i).save(new / f"new{i}.png")
+        (new / f"new{i}.txt").write_text(f"a new photo number {i}")
+    ctrl = root / "inputs" / "special" / "ctrl.png"
+    (new / "copy_of_ctrl.png").write_bytes(ctrl.read_bytes())
+    (new / "copy_of_ctrl.txt").write_text("the same pixels under another name")
+    (new / "special" / "rotated.jpg").write_bytes((root / "inputs" / "special" / "rotated.jpg").read_bytes())
+    (new / "special" / "rotated.txt").write_text("listed again by the new crawl")
+    over = {"output.url": str(ds), "output.mode": "append", "input.path": str(new)}
+    summary = run(_cfg(root, **over))
+    man = schema.read_dataset_manifest(open_storage(ds))
+    assert summary["run_samples"] == 5 and man["samples"] == len(expected["good"]) + 5
+    assert summary["rejects"] == {"duplicate": 1, "duplicate_source_id": 1}
+    assert [r["shards"] for r in man["runs"]] == [[0, 7], [8, 8 + summary["run_shards"] - 1]]
+    assert len(man["shards"]) == 8 + summary["run_shards"] and summary["shards_written"] == summary["run_shards"]
+    # committed objects untouched; the new run's rejects in their own file
+    assert all((ds / k).read_bytes() == v for k, v in old_objects.items())
+    assert {k: v for k, v in _tar_digests(str(ds)).items() if k in before} == before
+    rej = [json.loads(line) for line in (ds / man["runs"][1]["rejects"]).read_text().splitlines()]
+    assert {(r["source_id"], r["reason"]) for r in rej} == {("copy_of_ctrl.png", "duplicate"),
+                                                            ("special/rotated.jpg", "duplicate_source_id")}
+    assert len(_read_all(str(ds))) == len(expected["good"]) + 5  # every sample once across both runs
+    # the same append again: nothing changes at all
+    snapshot = {p.name: p.read_bytes() for p in ds.iterdir()}
+    again = run(_cfg(root, **over))
+    assert again["noop"] and again["shards_written"] == 0
+    assert {p.name: p.read_bytes() for p in ds.iterdir()} == snapshot
+    # appending with another tokenization would make the dataset inconsistent: refused
+    with pytest.raises(ConfigError, match="append needs the dataset's"):
+        run(_cfg(root, **over, **{"tokenize.resolutions": "[32]"}))

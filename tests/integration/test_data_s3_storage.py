@@ -44,6 +44,11 @@ def test_s3_roundtrip_range_list_delete(s3_env, tmp_path):
     st.delete("a/x.bin")
     with pytest.raises(StorageNotFound):
         st.get_bytes("a/x.bin")
+    # streamed listing (pages) in key order; batched prefix delete
+    for k in ("s/b.txt", "s/a.k.jpg", "s/a.jpg", "s/a/x.png", "s/a-b.png"):
+        st.put_bytes(b"x", k)
+    assert list(st.iter_list("s/")) == sorted(["s/b.txt", "s/a.k.jpg", "s/a.jpg", "s/a/x.png", "s/a-b.png"])
+    assert st.delete_prefix("s/") == 5 and st.list("s/") == []
     # the other storage users in Ray workers get it pickled; the boto3 client is rebuilt
     st2 = pickle.loads(pickle.dumps(st))
     assert st2.get_range("big.bin", 0, 4) == big.read_bytes()[:4]

@@ -151,3 +151,4 @@ def test_sidecar_names_parse():
     assert S.parse_shard_name("p/d-000007.index.npy") == ("d", 7, "index.npy")
     assert S.parse_shard_name("d-000007.hashes.npy") == ("d", 7, "hashes.npy")
     assert S.INDEX_DTYPE.itemsize == 36 and S.HASHES_DTYPE.itemsize == 44
+

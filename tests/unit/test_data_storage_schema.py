@@ -43,6 +43,19 @@ def test_local_storage_roundtrip_and_atomic(tmp_path):
         open_storage("gs://bucket/x")
 
 
+def test_local_iter_list_is_sorted_like_s3_and_delete_prefix(tmp_path):
+    st = LocalStorage(tmp_path / "r")
+    keys = ["b.txt", "a.k.jpg", "a.jpg", "a/x.png", "a/y/z.txt", "a-b.png", "a.txt", "ab/c"]
+    for k in keys:
+        st.put_bytes(b"x", k)
+    (tmp_path / "r" / "a.jpg.tmp-1234").write_bytes(b"partial")
+    assert list(st.iter_list()) == sorted(keys) == st.list()  # code point order, temp files hidden
+    assert list(st.iter_list("a/")) == ["a/x.png", "a/y/z.txt"] and list(st.iter_list("a.")) == ["a.jpg", "a.k.jpg", "a.txt"]
+    assert st.delete_prefix("a/") == 2 and not (tmp_path / "r" / "a").exists()  # no empty folders left
+    with pytest.raises(ValueError, match="whole storage root"):
+        st.delete_prefix("")
+
+
 def test_local_put_failure_leaves_nothing(tmp_path):
     st = LocalStorage(tmp_path)
     with pytest.raises(FileNotFoundError):
@@ -95,30 +108,20 @@ def test_sample_tar_index_offsets_match_members(tmp_path):
     assert got[2]["txt"] == b"caption 2"
 
 
-def test_stats_manifest_rejects_roundtrip(tmp_path):
+def test_committed_shards_and_rejects_roundtrip(tmp_path):
+    from sar_scale.data.shards import commit_shard
+
     st = LocalStorage(tmp_path)
-    tar = tmp_path / S.tar_name("s", 0)
-    _write_tar(tar, 2)
-    stats = S.make_stats("s", 0, 2, {"zero_bytes": 1}, tar.stat().st_size, S.build_index(tar))
-    S.write_stats(st, "s", 0, stats)
-    assert S.read_stats(st, S.stats_name("s", 0))["samples"] == 2
+    commit_shard(st, "s", 0, [], {64: (3, 4)})
     # shard 1 has a tar but no stats -> not committed; a stats without tar -> not committed
     (tmp_path / S.tar_name("s", 1)).write_bytes(b"")
-    st.put_bytes(json.dumps(stats).encode(), S.stats_name("s", 2))
+    st.put_bytes(st.get_bytes(S.stats_name("s", 0)), S.stats_name("s", 2))
     assert S.committed_shards(st, "s") == [(S.tar_name("s", 0), S.stats_name("s", 0))]
-    man = S.make_manifest([{"tar": "s-000000.tar", "stats": "s-000000.stats.json", "samples": 2}],
-                          [64], {"64": {"3x4": 2}}, "abc", {"sar_scale": "0"}, True)
-    S.write_manifest(st, man)
-    assert S.read_manifest(st)["samples"] == 2
     S.write_rejects(st, [{"source_id": "b", "reason": "x"}, {"source_id": "a", "reason": "y"}])
     assert [r["source_id"] for r in S.read_rejects(st)] == ["a", "b"]
-    bad = dict(stats)
-    del bad["index"]
-    with pytest.raises(S.SchemaError, match="'index'"):
-        S.validate_stats(bad)
     st.put_bytes(b"{nope", "manifest.json")
     with pytest.raises(S.SchemaError, match="invalid JSON"):
-        S.read_manifest(st)
+        S.read_dataset_manifest(st)
 
 
 def test_buckets_constant_budget_and_consistent_across_resolutions():

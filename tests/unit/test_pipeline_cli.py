@@ -32,12 +32,16 @@ def test_dispatch_and_errors(tmp_path, capsys):
 
 def test_dashboard_ray_address_and_web_urls_are_rejected_clearly(tmp_path, capsys):
     from pipelines.config import InputConfig
-    from pipelines.inputs import _manifest_records
+    from pipelines.inputs import iter_units, manifest_events
 
     (tmp_path / "c.yaml").write_text(f"input: {{path: {tmp_path}}}\n")
     assert cli.main(["prepare", str(tmp_path / "c.yaml"), "--ray-address", "http://head:8265"]) == 2
     assert "dashboard / Jobs API URL" in capsys.readouterr().err
     (tmp_path / "m.jsonl").write_text('{"path": "a.png", "caption": "x"}\n{"path": "https://e.com/b.jpg"}\n')
     cfg = InputConfig(kind="manifest", path=str(tmp_path / "m.jsonl"), image_column="path")
-    with pytest.raises(ValueError, match=r"row 1 column 'path' .* http\(s\) URL"):
-        _manifest_records(cfg)
+    with pytest.raises(ValueError, match=r"m.jsonl#byte34: column 'path' .* http\(s\) URL"):
+        for unit in iter_units(cfg):  # what a scan task reads (the driver unwraps its ValueError)
+            list(manifest_events(cfg, unit))
+    (tmp_path / "m.jsonl").write_text('{"path": "https://e.com/b.jpg"}\n')
+    with pytest.raises(ValueError, match=r"m.jsonl#byte0: column 'path' .* http\(s\) URL"):
+        list(iter_units(cfg))  # a first row like that fails in the driver, before any task runs

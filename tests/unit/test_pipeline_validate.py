@@ -12,7 +12,6 @@ from PIL import Image
 from pipelines.config import DecodeConfig, FilterConfig, PrepareConfig
 from pipelines.inputs import scan_tar
 from pipelines.validate import (
-    NearDupIndex,
     Reject,
     check_image,
     clean_caption,
@@ -91,27 +90,10 @@ def test_filters_and_hashes():
     buf = io.BytesIO()
     astro.resize((300, 300)).save(buf, "JPEG", quality=60)
     copy = Image.open(buf).convert("RGB")
-    idx = NearDupIndex(4)
-    idx.add(perceptual_hash(astro), "astronaut")
-    assert idx.query(perceptual_hash(copy)) == "astronaut"
+    h = perceptual_hash(astro)
+    assert (h ^ perceptual_hash(copy)).bit_count() <= 4  # the pipeline's default phash_max_distance
     for name in ("chelsea", "coffee", "rocket"):
-        assert idx.query(perceptual_hash(Image.fromarray(getattr(skdata, name)()).convert("RGB"))) is None
-
-
-def test_near_dup_index_is_exact_against_brute_force():
-    rng = np.random.default_rng(0)
-    base = [int(x) for x in rng.integers(0, 2**63, 200)]
-    idx = NearDupIndex(5)
-    for i, h in enumerate(base):
-        idx.add(h, str(i))
-    for _ in range(300):
-        j = int(rng.integers(200))
-        q = base[j]
-        for bit in rng.choice(64, int(rng.integers(0, 9)), replace=False):
-            q ^= 1 << int(bit)
-        brute = [i for i, h in enumerate(base) if (h ^ q).bit_count() <= 5]
-        got = idx.query(q)
-        assert (got is None) == (not brute) and (got is None or int(got) == min(brute))
+        assert (h ^ perceptual_hash(Image.fromarray(getattr(skdata, name)()).convert("RGB"))).bit_count() > 4
 
 
 def _tar_bytes(members: list[tuple[tarfile.TarInfo, bytes]]) -> bytes:
