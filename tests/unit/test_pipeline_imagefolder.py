@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from pipelines.config import PrepareConfig
-from pipelines.inputs import class_index, enumerate_inputs
+from pipelines.inputs import class_index, iter_units
 from pipelines.stages import scan_record
 from tests.data_inputs import photo
 
@@ -31,8 +31,8 @@ def _cfg(root, **inp) -> PrepareConfig:
 
 
 def _records(cfg):
-    units, rejects = enumerate_inputs(cfg.input)
-    return [r for u in units for r in u["records"]], rejects
+    units = list(iter_units(cfg.input))  # streamed units carry their records and enumeration rejects
+    return [r for u in units for r in u["records"]], [r for u in units for r in u["rejects"]]
 
 
 def test_ids_from_sorted_class_names_captions_and_rejects(tmp_path):
