@@ -295,13 +295,14 @@ def test_imagefolder_class_conditional_with_flips(clean_run, tmp_path):
             (tmp_path / "in" / cls / f"{s}.png").write_bytes(_png(s))
     (tmp_path / "in" / "loose.png").write_bytes(_png(304))
     summary = run(_cfg(root, **{"input.kind": "imagefolder", "input.path": str(tmp_path / "in"), "input.flip": "true",
-                                "output.url": str(tmp_path / "out")}))
+                                "output.url": str(tmp_path / "out"), "filters.caption_min_words": 1}))
     assert summary["samples"] == 6 and summary["rejects"] == {"class_missing": 1}
     samples = _read_all(str(tmp_path / "out"))
     assert set(samples) == {"a_dog/303.png", "a_dog/303.png#flip", "b_cat/301.png", "b_cat/301.png#flip",
                             "b_cat/302.png", "b_cat/302.png#flip"}
     meta = json.loads(samples["b_cat/302.png#flip"]["json"])
-    assert meta["caption"] == "b_cat" and meta["extra"] == {"class_id": 1, "class_name": "b_cat", "flip": True}
+    assert samples["b_cat/302.png#flip"]["txt"] == b"b_cat"  # the class name is the caption
+    assert meta["extra"] == {"class_id": 1, "class_name": "b_cat", "flip": True}
     a, b = (np.load(io.BytesIO(samples[k]["tokens_32.npy"])) for k in ("b_cat/302.png", "b_cat/302.png#flip"))
     assert a.shape == b.shape and not np.array_equal(a, b)
     classes = json.loads(open_storage(tmp_path / "out").get_bytes("classes.json"))
