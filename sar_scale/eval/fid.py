@@ -363,7 +363,7 @@ class FeatureExtractor:
         return out.flatten(1) if out.dim() > 2 else out
 
     @torch.no_grad()
-    def extract(self, images: Sequence[Image.Image], probabilities: bool = False
+    def features(self, images: Sequence[Image.Image], probabilities: bool = False
                 ) -> tuple[np.ndarray, np.ndarray | None]:
         """(features [B, D], class probabilities [B, C] or None when the net has no classifier output)."""
         x = self._prepare(images)
@@ -386,7 +386,7 @@ class FeatureExtractor:
         return self._flat(feats).double().cpu().numpy(), probs
 
     def __call__(self, images: Sequence[Image.Image]) -> np.ndarray:
-        return self.extract(images)[0]
+        return self.features(images)[0]
 
     @property
     def has_classifier(self) -> bool | None:
@@ -404,7 +404,7 @@ class FeatureExtractor:
         def flush() -> None:
             nonlocal index
             if batch:
-                f, p = self.extract(batch, probabilities)
+                f, p = self.features(batch, probabilities)
                 acc.update(f, p, range(index, index + len(batch)))
                 index += len(batch)
                 batch.clear()
