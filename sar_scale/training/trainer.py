@@ -195,6 +195,9 @@ class Trainer:
             destroy_distributed()
             raise
         self._setup_logging()  # every rank logs to RUN_DIR/logs/rank<r>.log from here on
+        d = self.denv  # init_distributed's own line came before this rank's log file existed (lease first)
+        logger.info("rank %d/%d (local %d/%d, node %d) via %s; logging to %s", d.rank, d.world_size,
+                    d.local_rank, d.local_world_size, d.node_rank, d.launcher, self._log_handler.baseFilename)
         self.device = torch.device(resolve_device(cfg.device))
         if self.device.type == "cuda":
             self.device = torch.device("cuda", torch.cuda.current_device())
