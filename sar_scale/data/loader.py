@@ -660,10 +660,12 @@ class StageStream:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         stop = threading.Event()
         pool = cf.ThreadPoolExecutor(self.num_workers, thread_name_prefix="shard-fetch") if self.num_workers else None
+        th: threading.Thread | None = None
 
         def produce() -> Iterator[dict[str, Any]]:
             epoch, start = self.position.epoch, self.position.batch
-            while True:
+            # stop is checked here too: a closed iterator must end its thread, not plan epochs forever
+            while not stop.is_set():
                 if start < len(self.plan(epoch)):
                     yield from self._epoch_batches(epoch, start, pool, stop)
                 epoch, start = epoch + 1, 0
@@ -680,17 +682,20 @@ class StageStream:
             def run() -> None:
                 try:
                     for batch in produce():
-                        while not stop.is_set():
-                            try:
-                                q.put(batch, timeout=0.2)
-                                break
-                            except queue.Full:
-                                continue
+                        hand_over(batch)
                         if stop.is_set():
                             return
                 except BaseException as e:  # noqa: BLE001 - handed to the consumer
-                    q.put(e)
-                q.put(done)
+                    hand_over(e)
+                hand_over(done)
+
+            def hand_over(item: Any) -> None:  # gives up once the consumer has gone
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.2)
+                        return
+                    except queue.Full:
+                        continue
 
             th = threading.Thread(target=run, name="batch-assembly", daemon=True)
             th.start()
@@ -706,6 +711,8 @@ class StageStream:
             stop.set()
             if pool is not None:
                 pool.shutdown(wait=False, cancel_futures=True)
+            if th is not None:  # it sees stop within one put timeout (or one piece fetch)
+                th.join(timeout=5.0)
 
     def _advance(self, batch: dict[str, Any]) -> None:
         if batch["micro"] == self.grad_accum - 1:

@@ -21,6 +21,8 @@ MASK = "***"
 _SECRET_KEY = re.compile(
     r"(^|[_.-])(secret|secrets|password|passwd|pwd|token|api[_-]?key|access[_-]?key|private[_-]?key|"
     r"credential|credentials|auth|authorization|session[_-]?token|client[_-]?secret)([_.-]|$)", re.I)
+# ...unless the name says it holds a setting about the secret, not the secret (RAY_AUTH_MODE=token)
+_SETTING_SUFFIX = re.compile(r"[_.-](mode|type|method|scheme|kind|enabled|disabled|required|enable|disable)$", re.I)
 _URL_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+(:[^/@\s]*)?@")
 _QUERY_SECRET = re.compile(
     r"([?&](?:[^=&\s]*(?:token|secret|password|passwd|key|signature|sig|credential)[^=&\s]*)=)[^&\s]+", re.I)
@@ -30,7 +32,7 @@ _MIN_SECRET_LEN = 4
 def is_secret_key(name: str) -> bool:
     """A config key or environment variable name that holds a secret (``aws_secret_access_key``,
     ``MLFLOW_TRACKING_TOKEN``, ``api-key``); ``tokens_per_batch`` / ``TOKENIZERS_PARALLELISM`` do not."""
-    return bool(_SECRET_KEY.search(str(name)))
+    return bool(_SECRET_KEY.search(str(name))) and not _SETTING_SUFFIX.search(str(name))
 
 
 def secret_env_values(environ: dict[str, str] | None = None) -> list[str]:

@@ -3,6 +3,8 @@ names in cluster profiles, URLs in storage errors, free text in logs."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from cluster.spec import ClusterProfile
@@ -15,13 +17,16 @@ def test_secret_names_keys_and_env_alike():
     for name in ("AWS_SECRET_ACCESS_KEY", "MLFLOW_TRACKING_TOKEN", "MLFLOW_TRACKING_PASSWORD", "WANDB_API_KEY",
                  "aws_access_key_id", "password", "client-secret"):
         assert is_secret_key(name), name
-    for name in ("tokens_per_batch", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "max_text_len", "keep_last"):
+    for name in ("tokens_per_batch", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE", "max_text_len", "keep_last",
+                 "RAY_AUTH_MODE", "auth_type"):
         assert not is_secret_key(name), name
     assert redact_obj({"s3": {"secret_key": "abcd1234"}, "tokens_per_batch": 4}) == {
         "s3": {"secret_key": MASK}, "tokens_per_batch": 4}
 
 
 def test_profile_env_and_storage_errors_use_the_same_rules(monkeypatch):
+    for k in [k for k in os.environ if is_secret_key(k)]:  # the runner's own secrets would be masked too
+        monkeypatch.delenv(k)
     with pytest.raises(ConfigError, match="env.MLFLOW_TRACKING_PASSWORD looks like a secret"):
         load_config(ClusterProfile, {"env": {"MLFLOW_TRACKING_PASSWORD": "x"}})
     assert load_config(ClusterProfile, {"env": {"TOKENIZERS_PARALLELISM": "false"}}).env

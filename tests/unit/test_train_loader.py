@@ -160,6 +160,32 @@ def test_stream_resume_continues_exactly_across_epochs(shards, workers):
     assert resumed.position.epoch == 1
 
 
+def test_closing_the_stream_ends_its_threads(shards, monkeypatch):
+    """A consumer that stops early (end of a stage, an error, a test) must not leave the assembly
+    thread planning epochs in the background: it would hold a core for the life of the process."""
+    before = {t.ident for t in threading.enumerate()}
+    for _ in range(3):
+        _take(StageStream(shards, 64, 0, 1, 0, 0, "class", micro_batch=2, num_workers=2), 2)
+    # the race: the consumer closes after the thread handed a batch over and resumed the epoch, so
+    # the epoch's own stop check ends it without a yield; the epoch loop must then stop as well
+    orig = StageStream._epoch_batches
+
+    def closed_mid_epoch(self, epoch, start, pool, stop):
+        for b in orig(self, epoch, start, pool, stop):
+            yield b
+            stop.wait(10)
+            if stop.is_set():
+                return
+
+    monkeypatch.setattr(StageStream, "_epoch_batches", closed_mid_epoch)
+    _take(StageStream(shards, 64, 0, 1, 0, 0, "class", micro_batch=2, num_workers=1), 1)
+    left = [t for t in threading.enumerate() if t.ident not in before and t.is_alive()
+            and t.name.startswith(("batch-assembly", "shard-fetch"))]
+    for t in left:
+        t.join(timeout=5)
+    assert not [t.name for t in left if t.is_alive()]
+
+
 @pytest.mark.parametrize("window, prefetch", [(1, 1), (2, 2), (3, 6)])
 def test_open_pieces_stay_within_window_plus_prefetch(tmp_path, window, prefetch):
     """Locality: with a window of W shards and P prefetched, a rank never holds more than W + P pieces
