@@ -50,8 +50,14 @@ def find_store(workdir: str | Path) -> str:
     return f"sqlite:///{dbs[0].resolve()}"
 
 
+# MLflow 3's UI picks its GenAI or model-training view from this URL parameter first, then from the
+# browser's last choice (GenAI by default), whatever the experiment's kind tag says
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
 def latest_run_path(store_uri: str) -> str | None:
-    """``#/experiments/E/runs/R`` of the newest run in the store, for a direct link."""
+    """``#/experiments/E/runs/R/model-metrics`` (its charts, in the model-training view) of the newest
+    run in the store, for a direct link."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     from mlflow.tracking import MlflowClient
 
@@ -62,7 +68,7 @@ def latest_run_path(store_uri: str) -> str | None:
     if not runs:
         return None
     r = runs[0].info
-    return f"#/experiments/{r.experiment_id}/runs/{r.run_id}"
+    return f"#/experiments/{r.experiment_id}/runs/{r.run_id}/model-metrics?{MODEL_TRAINING_VIEW}"
 
 
 def die_with_parent() -> None:

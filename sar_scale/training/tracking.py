@@ -48,6 +48,28 @@ def mark_training_experiment(client, experiment_id: str) -> None:
         client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, TRAINING_KIND)
 
 
+# MLflow's run page groups charts into sections by key prefix and sorts the sections by name
+# (localeCompare), with unprefixed keys last; eval results ("eval/...") would come first and the loss
+# curves last. Numbered sections put the training charts first, loss in the first row; the plain
+# names stay the keys of metrics.jsonl and of this mapping's input.
+_SECTIONS = {"loss": "1-train", "lr": "1-train", "grad_norm": "1-train",
+             "tokens_per_s": "2-throughput", "samples_per_s": "2-throughput", "flops_per_s": "2-throughput",
+             "mfu": "2-throughput", "step_time_s": "2-throughput", "data_wait_s": "2-throughput",
+             "stage": "5-curriculum", "resolution": "5-curriculum"}
+
+
+def dashboard_key(name: str) -> str:
+    """The MLflow key of a training metric: ``loss`` -> ``1-train/loss``, ``loss/s256`` (per stage) ->
+    ``3-loss-by-stage/s256``, ``loss/bucket_16x16`` -> ``4-loss-by-bucket/16x16``; others unchanged."""
+    if name in _SECTIONS:
+        return f"{_SECTIONS[name]}/{name}"
+    if name.startswith("loss/bucket_"):
+        return "4-loss-by-bucket/" + name[len("loss/bucket_"):]
+    if name.startswith("loss/"):
+        return "3-loss-by-stage/" + name[len("loss/"):]
+    return name
+
+
 def default_tracking_uri(run_dir: Path) -> str:
     return f"sqlite:///{run_dir.resolve() / 'mlflow.db'}"
 

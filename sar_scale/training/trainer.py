@@ -46,7 +46,7 @@ from sar_scale.distributed.init import destroy_distributed, init_distributed, re
 from sar_scale.distributed.lifeline import die_with_parent
 from sar_scale.training.config import TrainConfig
 from sar_scale.training.resume import StageShape, plan_resume
-from sar_scale.training.tracking import Tracker
+from sar_scale.training.tracking import Tracker, dashboard_key
 from sar_scale.utils.redact import collect_secret_values, install_log_filter, redact_obj
 
 logger = logging.getLogger(__name__)
@@ -502,7 +502,7 @@ class Trainer:
                                                        "micro_losses": step_losses, **m}) + "\n")
                         metrics_file.flush()
                     if self.global_step % cfg.mlflow.log_every == 0 or step_in_stage == st.steps - 1:
-                        self.tracker.log_metrics(m, self.global_step)
+                        self.tracker.log_metrics({dashboard_key(k): v for k, v in m.items()}, self.global_step)
                 faults.maybe_fire("after_step", self.global_step)
                 stage_end = step_in_stage == st.steps - 1
                 every = cfg.checkpoint.every_steps

@@ -20,7 +20,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from sar_scale.dashboard import find_store
+from sar_scale.dashboard import MODEL_TRAINING_VIEW, find_store
+from sar_scale.training.tracking import dashboard_key
 
 pytestmark = pytest.mark.integration
 
@@ -56,8 +57,13 @@ def _training_run(run_dir: Path) -> tuple[str, str]:
     run_dir.mkdir(parents=True)
     tr = Tracker(True, run_dir, experiment="sar-scale-demo", run_name="dash-test")
     run_id = tr.start(None, {"model": {"name": "demo"}, "seed": 0})
-    for step in range(1, 31):
-        tr.log_metrics({"loss": 6.0 / step ** 0.5, "lr": 1e-3}, step)
+    for step in range(1, 31):  # what the trainer logs, then what `sar-scale eval` adds to the run
+        m = {"loss": 6.0 / step ** 0.5, "lr": 1e-3, "grad_norm": 1.0, "stage": 0, "resolution": 64,
+             "step_time_s": 0.1, "data_wait_s": 0.01, "tokens_per_s": 100.0, "samples_per_s": 3.0,
+             "flops_per_s": 1e9, "mfu": 0.3, "loss/s64": 6.0 / step ** 0.5, "loss/bucket_4x4": 5.0}
+        tr.log_metrics({dashboard_key(k): v for k, v in m.items()}, step)
+    tr.log_metrics({f"eval/nll/{p}": 3.0 for p in ("ar", "mar-8", "random-16-cosine")}, 30)
+    tr.log_metrics({f"eval/shapes/{p}/all": 0.5 for p in ("ar", "mar-8")}, 30)
     img = Image.new("RGB", (96, 32), (240, 240, 240))
     img.paste((220, 35, 35), (10, 8, 26, 24))
     tr.log_image(img, "samples/s64_step00000030.png")
@@ -114,21 +120,29 @@ def test_dashboard_shows_run_loss_chart_and_sample_image(tmp_path):
             return lambda d: [e for e in d.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']")
                               if e.is_displayed()]
 
-        # the run page shows the run by name
+        # the printed link opens the run's charts in the model-training view, training charts first:
+        # the loss chart (a Plotly chart titled "loss", the run's trace in its legend) with no scrolling
+        assert run_url.endswith(f"/model-metrics?{MODEL_TRAINING_VIEW}")
         driver.get(run_url)
         wait.until(visible_text("dash-test"))
-        shots.append(tmp_path / "dashboard_run.png")
-        driver.save_screenshot(str(shots[-1]))
-        # its loss chart: a Plotly chart titled "loss" with the run's trace in the legend
-        driver.get(run_url + "/model-metrics")
         wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".js-plotly-plot svg.main-svg"))
         wait.until(visible_text("loss"))
-        wait.until(lambda d: "dash-test (loss)" in d.find_element(By.TAG_NAME, "body").text)
+        wait.until(lambda d: "dash-test (1-train/loss)" in d.find_element(By.TAG_NAME, "body").text)
         assert driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot .scatterlayer .trace")
+        assert [e for e in driver.find_elements(By.XPATH, "//*[normalize-space(text())='Model training']")
+                if e.is_displayed()], "not the model-training view"
+        time.sleep(2)  # the sections settle their layout after the first chart draws
+        chart = visible_text("loss")(driver)[0]
+        top, bottom, view = driver.execute_script(
+            "const r = arguments[0].getBoundingClientRect(); return [r.top, r.bottom, window.innerHeight]", chart)
+        assert 0 <= top and bottom + 300 <= view, f"loss chart title at {top}-{bottom}px, window {view}px"
+        sections = [e.text for e in driver.find_elements(By.XPATH, "//*[contains(text(), '-train') or "
+                    "starts-with(normalize-space(text()), 'eval/')]") if e.is_displayed()]
+        assert sections and sections[0].startswith("1-train"), sections
         shots.append(tmp_path / "dashboard_loss_chart.png")
         driver.save_screenshot(str(shots[-1]))
         # the logged sample image, previewed from the artifact store (decoded: naturalWidth = 96)
-        driver.get(run_url + "/artifacts")
+        driver.get(run_url.split("/model-metrics")[0] + "/artifacts")
         folder, name = image_key.split("/")
         wait.until(visible_text(folder))[0].click()
         wait.until(visible_text(name))[0].click()

@@ -65,7 +65,7 @@ def test_reduced_demo_end_to_end(tmp_path):
 
     client = MlflowClient(f"sqlite:///{work / 'train' / 'mlflow.db'}")
     run = client.get_run(facts["mlflow_run_id"])
-    assert len(client.get_metric_history(run.info.run_id, "loss")) >= 2
+    assert len(client.get_metric_history(run.info.run_id, "1-train/loss")) >= 2
     samples = [f.path for f in client.list_artifacts(run.info.run_id, "samples")]
     assert any(p.endswith(".png") for p in samples), samples
     assert [f.path for f in client.list_artifacts(run.info.run_id, "demo")] == ["demo/grid.png"]

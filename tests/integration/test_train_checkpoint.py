@@ -221,9 +221,10 @@ def test_mlflow_run_params_metrics_images_and_no_secrets(run_a):
     p = run.data.params
     assert p["deepspeed.zero_stage"] == "1" and p["curriculum.stages.1.resolution"] == "128"
     assert p["mlflow.run_name"] == "***"
-    losses = client.get_metric_history(run.info.run_id, "loss")
+    losses = client.get_metric_history(run.info.run_id, "1-train/loss")
     assert sorted(m.step for m in losses) == list(range(1, 9))
-    for key in ("lr", "grad_norm", "tokens_per_s", "step_time_s", "data_wait_s", "flops_per_s", "loss/s128"):
+    for key in ("1-train/lr", "1-train/grad_norm", "2-throughput/tokens_per_s", "2-throughput/step_time_s",
+                "2-throughput/data_wait_s", "2-throughput/flops_per_s", "3-loss-by-stage/s128"):
         assert key in run.data.metrics, key
     assert run.data.tags["checkpoint.latest"].endswith("step00000008")
     arts = [a.path for a in client.list_artifacts(run.info.run_id, "samples")]

@@ -75,7 +75,7 @@ def test_s3_shards_s3_checkpoints_and_mlflow_server(s3_env, mlflow_server, tmp_p
     client = MlflowClient(tracking_uri=uri)
     run = client.get_run(res.mlflow_run_id)
     assert run.info.status == "FINISHED" and run.data.params["deepspeed.zero_stage"] == "2"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "1-train/loss")] == [1, 2, 3]
     assert "samples/s64_step00000003.png" in [a.path for a in client.list_artifacts(run.info.run_id, "samples")]
     keys = [o["Key"] for o in s3_env.client().list_objects_v2(Bucket=art_bucket).get("Contents", [])]
     assert any(k.endswith("samples/s64_step00000003.png") for k in keys)  # the image lives on S3
