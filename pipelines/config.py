@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator, model_validator
 
 from sar_scale.config import StrictModel
+from sar_scale.data.decode import DecodeConfig
 
 
 class InputConfig(StrictModel):
@@ -40,19 +41,6 @@ class InputConfig(StrictModel):
     """Inputs per scan task for folders; one task per tar (webdataset) and per Parquet row group."""
     manifest_chunk_bytes: int = Field(8 << 20, ge=1)
     """JSONL manifests are scanned in byte ranges of this size (one scan task each)."""
-
-
-class DecodeConfig(StrictModel):
-    """Image validation: what counts as a readable, safe image."""
-
-    max_pixels: int = Field(64_000_000, ge=1)
-    """Decompression-bomb guard: width*height from the header above this is rejected before decoding."""
-    max_file_bytes: int = Field(50 * 2**20, ge=1)
-    """Files larger than this are rejected unread (file_too_large)."""
-    formats: list[str] = ["JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF", "MPO"]
-    """Accepted decoded formats (PIL names); others are rejected as unsupported_format."""
-    animated: Literal["reject", "first_frame"] = "reject"
-    """Animated GIF/WebP/APNG: reject, or keep the first frame."""
 
 
 class ScorerConfig(StrictModel):

@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from pipelines.config import InputConfig
-from pipelines.validate import Reject
+from sar_scale.data.decode import Reject
 from sar_scale.data.storage import Storage, StorageError, StorageNotFound, open_storage, parse_s3_url
 
 logger = logging.getLogger(__name__)

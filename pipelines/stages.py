@@ -25,16 +25,10 @@ from pipelines.config import PrepareConfig
 from pipelines.dedup import grid_name, parse_grid_name
 from pipelines.inputs import manifest_events, read_ref, scan_tar
 from pipelines.staging import Staging, key_part, to_signed64, to_unsigned64
-from pipelines.validate import (
-    Reject,
-    check_image,
-    clean_caption,
-    decode_image,
-    perceptual_hash,
-    pixel_hash,
-)
+from pipelines.validate import check_image, clean_caption, perceptual_hash, pixel_hash
 from sar_scale.data import schema
 from sar_scale.data.buckets import bucket_table, grid_of, nearest_bucket, resize_center_crop
+from sar_scale.data.decode import Reject, decode_image
 from sar_scale.data.shards import commit_shard, hashes_array
 from sar_scale.data.storage import Storage, StorageNotFound
 

@@ -142,13 +142,12 @@ def load_images(source: str | Path, size: int, max_images: int | None = None,
                 progress: bool = True) -> ImageSet:
     """Decode a folder (recursive) or webdataset tars into [N, 3, size, size] uint8.
 
-    Every file goes through `data prepare`'s decoder and its rules (pipelines/validate.decode_image:
+    Every file goes through `data prepare`'s decoder and its rules (sar_scale/data/decode.decode_image:
     decompression bombs, truncated or undecodable files, oversized files); a hostile file is recorded
     in ``rejects`` (name -> reason) and logged on one line, never fatal; finding no usable image at
     all is an error naming the source.
     """
-    from pipelines.config import DecodeConfig
-    from pipelines.validate import Reject, decode_image
+    from sar_scale.data.decode import DecodeConfig, Reject, decode_image
 
     decode_cfg = DecodeConfig(animated="first_frame")  # a VQ learns from any still frame
     src = str(source)

@@ -9,16 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipelines.config import DecodeConfig, FilterConfig, PrepareConfig
+from pipelines.config import FilterConfig, PrepareConfig
 from pipelines.inputs import scan_tar
-from pipelines.validate import (
-    Reject,
-    check_image,
-    clean_caption,
-    decode_image,
-    perceptual_hash,
-    pixel_hash,
-)
+from pipelines.validate import check_image, clean_caption, perceptual_hash, pixel_hash
+from sar_scale.data.decode import DecodeConfig, Reject, decode_image
 from tests.data_inputs import photo, special_inputs
 
 DEC = DecodeConfig(max_pixels=16_000_000)
