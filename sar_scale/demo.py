@@ -3,7 +3,8 @@
 Stages (each one the real CLI in a subprocess, its output in WORKDIR/logs/<stage>.log):
 
 1. synth      synthetic "shapes" images + captions, plus a few corrupt files and a held-out set
-2. vq         the small VQ tokenizer, trained on the demo images (cached by data + config hash)
+2. vq         the small VQ tokenizer: the shipped one for the default images, else trained on the demo
+              images (cached by data + config hash)
 3. text       a tiny text encoder (word-level tokenizer + 2-layer T5 encoder, built offline)
 4. prepare    the Ray pipeline: validate, reject, bucket, VQ-tokenize, text features -> shards
 5. train      DeepSpeed ZeRO-1 on 2 CPU ranks (torchrun), 2-stage resolution curriculum, MLflow
@@ -12,7 +13,8 @@ Stages (each one the real CLI in a subprocess, its output in WORKDIR/logs/<stage
 8. eval       shapes accuracy per sampling plan + token NLL on the held-out shards, into MLflow
 
 Then a summary of where everything is. ``--minutes`` scales the training steps (the stage that
-dominates); the other stages take what they take (about 3 minutes on 2 cores, plus the VQ once).
+dominates); the other stages take what they take (about 3 minutes on 2 cores, plus ~8 minutes once
+to train the VQ when the shipped one does not fit or ``--train-vq`` asks).
 """
 
 from __future__ import annotations
@@ -41,6 +43,11 @@ from sar_scale.utils.procs import stop_process_group
 logger = logging.getLogger(__name__)
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "demo"
+# The demo VQ trained on the default demo images (scripts/ship_demo_vq.py made it): a first
+# `sar-scale demo` starts from it instead of spending ~8 minutes training it, when the VQ key (images,
+# config, steps) is the one it was trained for; `--train-vq` trains anyway.
+SHIPPED_VQ = Path(__file__).resolve().parent / "assets" / "demo_vq"
+SHIPPED_VQ_FILES = ("model.safetensors", "config.json", "train_config.json", "train_summary.json")
 DEFAULT_WORKDIR = "runs/demo"
 # A fixed prompt list for the sample grid: every color, shape and position at least once.
 SAMPLE_PROMPTS: tuple[str, ...] = (
@@ -61,7 +68,7 @@ class StageError(RuntimeError):
 @dataclass
 class StageResult:
     name: str
-    status: str = "pending"  # ok | cached | failed | skipped
+    status: str = "pending"  # ok | cached | shipped | failed | skipped
     seconds: float = 0.0
     output: str = ""
     note: str = ""
@@ -85,6 +92,7 @@ class Demo:
     eval_orders: list[str] = field(default_factory=lambda: ["random", "raster"])
     eval_ar: bool = True
     eval_samples: int = 4  # images per prompt and plan: 75 prompts x 4 = 300 (+-2.5 points, not +-5 at 75)
+    train_vq: bool = False  # train the VQ even when the shipped one fits
     temperature: float | None = 0.3  # the export's default sampling temperature; None = 1.0 (export's own)
     cache_dir: Path = field(default_factory=lambda: Path(os.environ.get(
         "SAR_SCALE_CACHE", Path.home() / ".cache" / "sar-scale")))
@@ -170,21 +178,42 @@ class Demo:
         Run-speed knobs (``threads``) are left out: they change how fast the VQ trains, not what it is
         meant to be, so changing them does not throw a trained VQ away.
         """
+        h = hashlib.sha256()
+        h.update(self.p("data", "shapes", "labels.jsonl").read_bytes())
+        h.update(json.dumps(self.vq_config(), sort_keys=True).encode())
+        h.update(json.dumps({"steps": self.vq_steps, "format": 2}).encode())
+        return h.hexdigest()[:16]
+
+    @staticmethod
+    def vq_config() -> dict[str, Any]:
+        """The resolved configs/demo/vq.yaml without its paths and run-speed knobs."""
         from sar_scale.config import load_config
         from sar_scale.tokenizers.train import VQTrainConfig
 
         cfg = load_config(VQTrainConfig, REPO_CONFIGS / "vq.yaml", ["data=x", "out=x"])
-        h = hashlib.sha256()
-        h.update(self.p("data", "shapes", "labels.jsonl").read_bytes())
-        h.update(json.dumps(cfg.model_dump(mode="json", exclude={"data", "out", "threads"}), sort_keys=True).encode())
-        h.update(json.dumps({"steps": self.vq_steps, "format": 2}).encode())
-        return h.hexdigest()[:16]
+        return cfg.model_dump(mode="json", exclude={"data", "out", "threads"})
+
+    def vq_record(self) -> dict[str, Any]:
+        """What the VQ key covers, readable: recorded beside the shipped VQ (scripts/ship_demo_vq.py)."""
+        labels = self.p("data", "shapes", "labels.jsonl").read_bytes()
+        return {"key": self.vq_key(), "vq_config": self.vq_config(),
+                "steps": self.vq_steps, "images": self.images, "size": self.size, "seed": self.seed,
+                "corrupt": self.corrupt, "labels_sha256": hashlib.sha256(labels).hexdigest()}
 
     def stage_vq(self) -> str:
         out = self.p("vq")
         cached = self.cache_dir / "demo_vq" / self.vq_key()
         res = self.results["vq"]
-        if not (cached / "model.safetensors").is_file():
+        shipped = not self.train_vq and shipped_vq_key() == self.vq_key()
+        if not (cached / "model.safetensors").is_file() and shipped:
+            tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            for name in SHIPPED_VQ_FILES:
+                shutil.copy2(SHIPPED_VQ / name, tmp / name)
+            tmp.replace(cached) if not cached.exists() else shutil.rmtree(tmp)
+            res.status = "shipped"
+        elif not (cached / "model.safetensors").is_file():
             tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
             shutil.rmtree(tmp, ignore_errors=True)
             cmd = self.cli("tokenizer", "train", "--config", str(REPO_CONFIGS / "vq.yaml"),
@@ -203,6 +232,7 @@ class Demo:
             self.facts["vq_psnr"] = round(s["heldout"]["psnr"], 2)
             res.note = f"held-out PSNR {s['heldout']['psnr']:.1f} dB, {s['steps']} steps"
         res.note += f" (cache {cached})" if res.status == "cached" else ""
+        res.note += " (the shipped demo VQ; --train-vq trains one)" if res.status == "shipped" else ""
         return str(out)
 
     def stage_text(self) -> str:
@@ -383,7 +413,7 @@ class Demo:
             t0 = time.monotonic()
             try:
                 res.output = getattr(self, f"stage_{name}")()
-                res.status = "cached" if res.status == "cached" else "ok"
+                res.status = res.status if res.status in ("cached", "shipped") else "ok"
             except (StageError, ValueError, FileNotFoundError, KeyError, subprocess.SubprocessError) as e:
                 res.status, res.note = "failed", str(e).splitlines()[0]
                 failed = (name, e)
@@ -482,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--ranks", type=int, default=2, help="DeepSpeed ranks (torchrun processes, default 2)")
     p.add_argument("--vq-steps", type=int, help="VQ training steps (default: configs/demo/vq.yaml)")
+    p.add_argument("--train-vq", action="store_true",
+                   help="train the VQ (~8 min on 2 cores) even where the shipped demo VQ fits (default images, "
+                        "config and steps)")
     p.add_argument("--train-steps", type=int, nargs="+", metavar="N",
                    help="steps per curriculum stage, overriding --minutes")
     p.add_argument("--eval-steps", type=int, nargs="+", default=[16, 8, 4], help="SAR step counts to evaluate")
@@ -500,6 +533,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def shipped_vq_key() -> str | None:
+    """The VQ key the shipped demo VQ was trained for; None when the package carries none."""
+    rec = SHIPPED_VQ / "shipped.json"
+    if not (rec.is_file() and all((SHIPPED_VQ / n).is_file() for n in SHIPPED_VQ_FILES)):
+        return None
+    return json.loads(rec.read_text())["key"]
+
+
 def main(argv: list[str]) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -513,7 +554,7 @@ def main(argv: list[str]) -> int:
         shutil.rmtree(work)
     demo = Demo(work, minutes=a.minutes, images=a.images, heldout=a.heldout, corrupt=a.corrupt, seed=a.seed,
                 ranks=a.ranks, vq_steps=a.vq_steps, train_steps=a.train_steps, eval_steps=a.eval_steps,
-                eval_orders=a.eval_orders, eval_ar=not a.no_eval_ar, eval_samples=a.eval_samples, quiet=a.quiet,
+                eval_orders=a.eval_orders, eval_ar=not a.no_eval_ar, eval_samples=a.eval_samples, quiet=a.quiet, train_vq=a.train_vq,
                 temperature=None if a.temperature < 0 else a.temperature)
     try:
         demo.train_stages()  # validate --train-steps before any work

@@ -93,6 +93,14 @@ class ShardRef:
     index: str
     samples: int
     grid: tuple[int, int]
+    bytes: int = 0  # the tar's size (manifest); 0 = unknown
+
+    def rows_per_piece(self, piece_bytes: int | None) -> int:
+        """Most rows one piece of this shard may span so that it holds about ``piece_bytes`` (whole shard
+        when unbounded or unknown): a rank holds W + P pieces in memory, not W + P whole shards."""
+        if not piece_bytes or self.bytes <= piece_bytes or self.samples <= 1:
+            return max(self.samples, 1)
+        return max(1, self.samples * piece_bytes // self.bytes)
 
 
 class DatasetIndex:
@@ -124,7 +132,8 @@ class DatasetIndex:
                 skipped_samples += int(s["samples"])
                 continue
             if int(s["samples"]) > 0:
-                out.append(ShardRef(s["tar"], s["index"], int(s["samples"]), (int(hw[0]), int(hw[1]))))
+                out.append(ShardRef(s["tar"], s["index"], int(s["samples"]), (int(hw[0]), int(hw[1])),
+                                    int(s.get("bytes") or 0)))
         if not out:
             raise schema.SchemaError(
                 f"{self.storage.url()}: no shard has tokens at resolution {res} (resolutions in the manifest: "
@@ -232,9 +241,11 @@ class EpochPlan:
 
 
 def _lane_pieces(stream_shards: list[int], counts: np.ndarray, cum: np.ndarray, start: int,
-                 stop: int) -> list[Piece]:
+                 stop: int, caps: np.ndarray | None = None) -> list[Piece]:
     """Pieces of the cyclic sample stream (shards ``stream_shards`` with ``counts`` samples, in order;
-    ``cum`` their cumulative sum from 0) between stream positions ``[start, stop)``."""
+    ``cum`` their cumulative sum from 0) between stream positions ``[start, stop)``. ``caps``: most rows
+    per piece of each stream shard; a piece never crosses a multiple of its cap, so lanes that meet in a
+    shard share its pieces."""
     total = int(cum[-1])
     out: list[Piece] = []
     t = start
@@ -243,6 +254,8 @@ def _lane_pieces(stream_shards: list[int], counts: np.ndarray, cum: np.ndarray, 
         i = int(np.searchsorted(cum, u, side="right") - 1)
         lo = u - int(cum[i])
         n = min(int(counts[i]) - lo, stop - t)
+        if caps is not None:
+            n = min(n, (lo // int(caps[i]) + 1) * int(caps[i]) - lo)
         out.append(Piece(stream_shards[i], lo, lo + n))
         t += n
     return out
@@ -250,9 +263,11 @@ def _lane_pieces(stream_shards: list[int], counts: np.ndarray, cum: np.ndarray, 
 
 def plan_epoch(shards: list[ShardRef], slots: int, seed: int, stage: int, epoch: int,
                micro_batch: int | None = None, tokens_per_batch: int | None = None, last_batch: str = "wrap",
-               window: int = 4) -> EpochPlan:
+               window: int = 4, piece_bytes: int | None = None) -> EpochPlan:
     """The epoch's global batches (pure function of its arguments; identical on every rank and for every
-    split of ``slots`` into ranks x accumulation steps). O(shards + global batches) memory."""
+    split of ``slots`` into ranks x accumulation steps). O(shards + global batches) memory.
+    ``piece_bytes`` bounds a piece (one GET, held while its window is open) to about that many bytes
+    of a shard; None = whole-shard pieces."""
     if last_batch not in ("wrap", "drop"):
         raise ValueError(f"last_batch must be 'wrap' or 'drop', got {last_batch!r}")
     if slots < 1 or window < 1:
@@ -276,7 +291,8 @@ def plan_epoch(shards: list[ShardRef], slots: int, seed: int, stage: int, epoch:
             continue
         lane_len = n_batches * mb
         cum = np.concatenate([[0], np.cumsum(counts)])
-        lanes = [Lane(_lane_pieces(order, counts, cum, s * lane_len, (s + 1) * lane_len), window,
+        caps = np.array([shards[i].rows_per_piece(piece_bytes) for i in order], np.int64) if piece_bytes else None
+        lanes = [Lane(_lane_pieces(order, counts, cum, s * lane_len, (s + 1) * lane_len, caps), window,
                       (seed, stage, epoch, h, w, s)) for s in range(slots)]
         buckets.append(BucketPlan((h, w), mb, n_batches, lanes))
     labels = np.concatenate([np.full(b.n_batches, i, np.int32) for i, b in enumerate(buckets)]) \
@@ -524,7 +540,7 @@ class StageStream:
                  position: DataPosition | None = None, class_field: str = "extra.class_id",
                  max_text_len: int | None = None, vocab_size: int | None = None, num_workers: int = 4,
                  prefetch_factor: int = 2, last_batch: str = "wrap", index: DatasetIndex | None = None,
-                 grad_accum: int = 1, window: int = 4, prefetch_shards: int = 4,
+                 grad_accum: int = 1, window: int = 4, prefetch_shards: int = 4, piece_bytes: int | None = None,
                  cache_dir: str | None = None, cache_bytes: int = 0, storage: Storage | None = None):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world {world}")
@@ -534,7 +550,7 @@ class StageStream:
         self.slots = world * grad_accum
         self.cond = cond
         self.micro_batch, self.tokens_per_batch, self.last_batch = micro_batch, tokens_per_batch, last_batch
-        self.window, self.prefetch_shards = window, prefetch_shards
+        self.window, self.prefetch_shards, self.piece_bytes = window, prefetch_shards, piece_bytes
         self.num_workers, self.prefetch_factor = num_workers, prefetch_factor
         self.position = (position or DataPosition()).rescaled(self.slots)
         self.index = index or DatasetIndex(url, storage)
@@ -553,7 +569,7 @@ class StageStream:
             self._plans = {e: p for e, p in self._plans.items() if e == epoch - 1}  # the one being finished
             self._plans[epoch] = (plan_epoch(self.shards, self.slots, self.seed, self.stage, epoch,
                                              self.micro_batch, self.tokens_per_batch, self.last_batch,
-                                             self.window))
+                                             self.window, self.piece_bytes))
             if not len(self._plans[epoch]):
                 raise ValueError(f"{self.url}: no full global batch at resolution {self.resolution} "
                                  f"({sum(s.samples for s in self.shards)} samples, {self.slots} micro-batches "

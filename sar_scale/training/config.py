@@ -46,6 +46,9 @@ class DataSection(StrictModel):
                         "many consecutive shards (pieces) of a rank's lane; bigger = more random, more open")
     prefetch_shards: int = Field(4, ge=0, description="pieces (usually whole shards) fetched ahead of the "
                                  "windows in use; with a window of W a rank holds about W + this many")
+    piece_bytes: int | None = Field(256 * 2**20, ge=1 << 16, description="most bytes of a shard read by one "
+                                    "request and held while its window is open (a 10k-sample shard of 900M "
+                                    "samples is ~5 GB); smaller shards are read whole; null = whole shards")
     cache_dir: str | None = Field(None, description="local disk cache of fetched shard pieces (per rank "
                                   "subfolder), reused by later epochs and restarts; off when unset")
     cache_bytes: int = Field(0, ge=0, description="size bound of cache_dir per rank (least recently used "

@@ -331,7 +331,8 @@ class Trainer:
             max_text_len=self.model_cfg.max_text_len, vocab_size=self.model_cfg.vocab_size,
             num_workers=cfg.data.num_workers, prefetch_factor=cfg.data.prefetch_factor,
             last_batch=cfg.data.last_batch, index=index, grad_accum=grad_accum, window=cfg.data.window,
-            prefetch_shards=cfg.data.prefetch_shards, cache_dir=cfg.data.cache_dir, cache_bytes=cfg.data.cache_bytes)
+            prefetch_shards=cfg.data.prefetch_shards, piece_bytes=cfg.data.piece_bytes, cache_dir=cfg.data.cache_dir,
+            cache_bytes=cfg.data.cache_bytes)
         self.text_encoder = None
         if stream.cond == "text_encoder":
             from sar_scale.tokenizers.text import TextEncoder

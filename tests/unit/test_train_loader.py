@@ -82,6 +82,34 @@ def test_plan_buckets_determinism_and_coverage(shards):
     assert len(dropped) == len(set(dropped)) < total  # no repeats, partial batches dropped
 
 
+def test_piece_bytes_bounds_what_one_request_reads_and_a_rank_holds(tmp_path):
+    """Shards bigger than ``piece_bytes`` are read in row ranges of about that size (a 900M-shape shard
+    is ~5 GB): same samples per epoch, every piece within its bound, pieces aligned so lanes share them."""
+    url = one_bucket(tmp_path, n_shards=3, per_shard=40)
+    refs = DatasetIndex(url).shards(64)
+    assert all(r.bytes > 0 for r in refs)
+    bound = refs[0].bytes // 7  # ~7 pieces per shard
+    whole = plan_epoch(refs, slots=2, seed=3, stage=0, epoch=0, micro_batch=4)
+    split = plan_epoch(refs, slots=2, seed=3, stage=0, epoch=0, micro_batch=4, piece_bytes=bound)
+    assert plan_epoch(refs, 2, 3, 0, 0, micro_batch=4, piece_bytes=refs[0].bytes * 2).buckets[0].lanes[0].pieces == \
+        whole.buckets[0].lanes[0].pieces  # shards within the bound: whole-shard pieces, as before
+
+    def samples(p):
+        return sorted((sh, row) for j in range(len(p)) for s in range(p.slots) for _, sh, row in p.slot_samples(j, s))
+
+    assert samples(split) == samples(whole)
+    cap = refs[0].rows_per_piece(bound)
+    assert 1 <= cap < 40
+    pieces = [p for lane in split.buckets[0].lanes for p in lane.pieces]
+    assert max(len(p) for p in pieces) <= cap and all(p.lo // cap == (p.hi - 1) // cap for p in pieces)
+    assert len(pieces) > 2 * len(whole.buckets[0].lanes[0].pieces)
+    # the stream reads them: one ranged GET per piece, at most W + P of them held
+    st = StageStream(url, 64, 0, 1, seed=3, stage=0, cond="class", micro_batch=4, window=2, prefetch_shards=1,
+                     piece_bytes=bound, num_workers=2)
+    keys = [k for b in _take(st, st.steps_per_epoch) for k in b["keys"]]
+    assert len(set(keys)) == 120 and st.max_open_pieces <= 2 + 1 + 1  # + the window being closed
+
+
 def test_tokens_per_batch_scales_micro_batch(shards):
     refs = DatasetIndex(shards).shards(128)
     plan = plan_epoch(refs, 1, 0, 0, 0, tokens_per_batch=200)
