@@ -12,6 +12,7 @@ are never logged or shown in a repr.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -437,9 +438,16 @@ class S3Storage(Storage):
         try:
             self._call("upload", key, self.client.upload_file, str(local), self.bucket, self._k(key),
                        Config=cfg)
-        except BaseException:
+        except BaseException as upload_error:
             if os.path.getsize(local) < self.multipart_threshold:
                 raise  # a single PutObject: nothing incomplete can be left
+            # A lost reply to CompleteMultipartUpload: S3 made the object, the retry then finds no such
+            # upload and the transfer manager reports a failure. The object's ETag tells: the same
+            # parts in the same order give the same multipart ETag, so it is this file's upload.
+            if isinstance(upload_error, Exception) and self._holds_upload_of(local, key):
+                logger.warning("%s: the multipart upload completed though its reply was lost (%s); kept",
+                               self.url(key), redact_text(str(upload_error))[:200])
+                return
             # The transfer manager aborts on failure, but its abort can fail too (the same outage):
             # never leave a billed, invisible incomplete upload of this key behind.
             try:
@@ -447,6 +455,25 @@ class S3Storage(Storage):
             except Exception as e:  # noqa: BLE001 - the upload error is the one to report
                 logger.warning("%s: could not abort incomplete multipart uploads: %s", self.url(key), e)
             raise
+
+    def _holds_upload_of(self, local: str | Path, key: str) -> bool:
+        """Whether ``key`` is the multipart upload of ``local`` (size and multipart ETag match)."""
+        from s3transfer.utils import ChunksizeAdjuster
+
+        try:
+            head = self._call("head", key, self.client.head_object, Bucket=self.bucket, Key=self._k(key))
+        except StorageError:
+            return False
+        size = os.path.getsize(local)
+        if int(head.get("ContentLength", -1)) != size:
+            return False
+        part = ChunksizeAdjuster().adjust_chunksize(self.multipart_chunksize, size)  # what upload_file used
+        digests = []
+        with open(local, "rb") as f:
+            while chunk := f.read(part):
+                digests.append(hashlib.md5(chunk, usedforsecurity=False).digest())
+        want = f'"{hashlib.md5(b"".join(digests), usedforsecurity=False).hexdigest()}-{len(digests)}"'
+        return head.get("ETag") == want
 
     def abort_uploads(self, key: str | None = None) -> int:
         """Abort incomplete multipart uploads of ``key`` (every key under the prefix when None);

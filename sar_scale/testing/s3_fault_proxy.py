@@ -66,6 +66,8 @@ class FaultConfig(StrictModel):
     permanent: Literal["off", "500", "503", "reset"] = Field(
         "off", description="fail every request this way (an outage); overrides the rates")
     methods: list[str] | None = Field(None, description="only these HTTP methods get faults (default all)")
+    queries: list[str] | None = Field(None, description="only requests with one of these query parameters get "
+                                      "faults, e.g. [uploadId] with methods [POST] = CompleteMultipartUpload")
     seed: int = Field(0, description="seed of the deterministic fault schedule")
 
     @field_validator("permanent", mode="before")
@@ -175,7 +177,8 @@ class S3FaultProxy:
             n = self._attempts[ident]
             self.counts["requests"] += 1
             kind = "forward"
-            if cfg.methods is None or method in cfg.methods:
+            names = {k for k, _ in parse_qsl(urlsplit(target).query, keep_blank_values=True)}
+            if (cfg.methods is None or method in cfg.methods) and (cfg.queries is None or names & set(cfg.queries)):
                 if cfg.permanent != "off":
                     kind = "permanent"
                 else:

@@ -85,3 +85,28 @@ def test_failed_multipart_upload_is_aborted_and_nothing_commits(s3_server, fault
     direct = s3_server.client()
     assert _uploads(direct, bucket) == []
     assert direct.list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+def test_lost_reply_to_the_multipart_complete_still_commits(s3_server, fault_proxy, monkeypatch, tmp_path):
+    """S3 completes the upload but its reply is lost, so the retried Complete finds no such upload: the
+    object's multipart ETag shows it is this shard's upload, and the commit goes on (no rerun needed)."""
+    for k, v in s3_server.env().items():
+        monkeypatch.setenv(k, v)
+    samples = _big_samples()
+    clean = s3_server.make_bucket("mp-lost-clean")
+    commit_shard(S3Storage(f"s3://{clean}/ds", multipart_threshold=PART, multipart_chunksize=PART),
+                 "big", 0, samples, GRIDS, run="r")
+    fault_proxy.configure(FaultConfig(lost_reply=1.0, methods=["POST"], queries=["uploadId"]))
+    bucket = s3_server.make_bucket("mp-lost")
+    st = S3Storage(f"s3://{bucket}/ds", endpoint_url=fault_proxy.endpoint, multipart_threshold=PART,
+                   multipart_chunksize=PART, max_attempts=2)
+    commit_shard(st, "big", 0, samples, GRIDS, run="r")
+    assert fault_proxy.snapshot()["lost_reply"] >= 1
+    direct = s3_server.client()
+    got, want = _objects(direct, bucket), _objects(direct, clean)
+    assert {k.replace(bucket, clean): v for k, v in got.items()} == want
+    assert _uploads(direct, bucket) == []
+    # a different file under that key is not mistaken for this one
+    other = S3Storage(f"s3://{bucket}/ds", multipart_threshold=PART, multipart_chunksize=PART)
+    (tmp_path / "other.bin").write_bytes(b"x" * (2 * PART + 1))
+    assert other._holds_upload_of(tmp_path / "other.bin", "big-000000.tar") is False
