@@ -46,7 +46,7 @@ def test_first_demo_uses_the_shipped_vq_and_it_reconstructs(tmp_path, one_thread
     assert demo.results["vq"].status == "shipped"
     assert (demo.cache_dir / "demo_vq" / rec["key"] / "model.safetensors").is_file()
     vq = load_vq(out)
-    img = np.asarray(Image.open(sorted(shapes.glob("[0-9]*.png"))[0]).convert("RGB").resize((64, 64)))
+    img = np.array(Image.open(sorted(shapes.glob("[0-9]*.png"))[0]).convert("RGB").resize((64, 64)))
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
     with torch.no_grad():
         y = vq.decode(vq.encode(x))
