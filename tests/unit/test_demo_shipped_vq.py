@@ -42,9 +42,10 @@ def test_first_demo_uses_the_shipped_vq_and_it_reconstructs(tmp_path, one_thread
                        "--size", str(demo.size), "--corrupt", str(demo.corrupt)]) == 0
     assert demo.vq_key() == rec["key"], REMAKE
     demo.results = {"vq": StageResult("vq")}
-    out = demo.stage_vq()  # no training: the shipped files, copied into the cache and the workdir
+    out = demo.stage_vq()  # no training: the shipped files, copied into the workdir
     assert demo.results["vq"].status == "shipped"
-    assert (demo.cache_dir / "demo_vq" / rec["key"] / "model.safetensors").is_file()
+    assert (tmp_path / "w" / "vq" / "model.safetensors").is_file()
+    assert not (demo.cache_dir / "demo_vq" / rec["key"]).exists()  # the cache keeps trained VQs only
     vq = load_vq(out)
     img = np.array(Image.open(sorted(shapes.glob("[0-9]*.png"))[0]).convert("RGB").resize((64, 64)))
     x = torch.from_numpy(img).permute(2, 0, 1)[None].float() / 127.5 - 1
