@@ -202,10 +202,11 @@ class Demo:
 
     def stage_vq(self) -> str:
         out = self.p("vq")
-        cached = self.cache_dir / "demo_vq" / self.vq_key()
+        key = self.vq_key()
+        cached = self.cache_dir / "demo_vq" / key
         res = self.results["vq"]
         # the cache holds trained VQs only, so --train-vq always gets one it trained
-        shipped = not self.train_vq and shipped_vq_key() == self.vq_key()
+        shipped = not self.train_vq and shipped_vq_key() == key
         if not (cached / "model.safetensors").is_file() and shipped:
             cached = SHIPPED_VQ
             res.status = "shipped"

@@ -177,8 +177,8 @@ class S3FaultProxy:
             n = self._attempts[ident]
             self.counts["requests"] += 1
             kind = "forward"
-            names = {k for k, _ in parse_qsl(urlsplit(target).query, keep_blank_values=True)}
-            if (cfg.methods is None or method in cfg.methods) and (cfg.queries is None or names & set(cfg.queries)):
+            if (cfg.methods is None or method in cfg.methods) and (cfg.queries is None or set(cfg.queries) & {
+                    k for k, _ in parse_qsl(urlsplit(target).query, keep_blank_values=True)}):
                 if cfg.permanent != "off":
                     kind = "permanent"
                 else:
