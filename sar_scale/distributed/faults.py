@@ -2,9 +2,10 @@
 
 ``SAR_SCALE_FAULT="ACTION:POINT:step=N[:rank=R]"`` (several separated by ``;``) makes the matching
 rank really die at a named point: ``kill`` sends itself SIGKILL, ``exit`` calls ``os._exit(3)``,
-``hang`` sleeps forever (a stuck rank), ``raise`` raises RuntimeError. Points used by the trainer:
+``hang`` sleeps forever (a stuck rank), ``raise`` raises RuntimeError; ``nan`` does not stop the rank but
+makes its loss of step N NaN (point ``loss``: a diverged step). Points used by the trainer:
 ``after_step`` (optimizer step N finished), ``ckpt_files_written`` (checkpoint N's files are on disk,
-its COMPLETE marker is not). Unset in normal runs; parsing errors name the bad entry.
+its COMPLETE marker is not), ``loss`` (the loss of step N, before its backward). Unset in normal runs; parsing errors name the bad entry.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 logger = logging.getLogger(__name__)
 
 ENV = "SAR_SCALE_FAULT"
-ACTIONS = ("kill", "exit", "hang", "raise")
+ACTIONS = ("kill", "exit", "hang", "raise", "nan")
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ def maybe_fire(point: str, step: int) -> None:
         return
     rank = int(os.environ.get("RANK", "0"))
     for f in parse_faults(spec):
-        if f.point != point or f.step != step or (f.rank is not None and f.rank != rank):
+        if f.action == "nan" or f.point != point or f.step != step or (f.rank is not None and f.rank != rank):
             continue
         logger.error("fault injection: %s at %s step %d on rank %d", f.action, point, step, rank)
         for h in logging.getLogger().handlers:
@@ -71,3 +72,16 @@ def maybe_fire(point: str, step: int) -> None:
                 time.sleep(3600)
         else:
             raise RuntimeError(f"fault injection at {point} step {step} on rank {rank}")
+
+
+def poisoned(point: str, step: int) -> bool:
+    """Whether a ``nan`` fault is configured for ``point``/``step`` on this rank (the caller makes its value NaN)."""
+    spec = os.environ.get(ENV)
+    if not spec:
+        return False
+    rank = int(os.environ.get("RANK", "0"))
+    for f in parse_faults(spec):
+        if f.action == "nan" and f.point == point and f.step == step and (f.rank is None or f.rank == rank):
+            logger.error("fault injection: NaN loss at %s step %d on rank %d", point, step, rank)
+            return True
+    return False

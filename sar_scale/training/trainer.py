@@ -84,6 +84,21 @@ def default_run_name(cfg: TrainConfig) -> str:
     return f"{Path(cfg.run_dir).name}: {cfg.model.name} {recipe} {stages}"
 
 
+@dataclass
+class _StepRecord:
+    """What a training step leaves for ``finish`` (its metrics are read one step later)."""
+
+    global_step: int
+    step_in_stage: int
+    lr: float
+    t0: float
+    wait: float
+    buckets: list[str]
+    micro_steps: int
+    grad_norm: Any  # a float, a 0-d tensor (read in finish) or None
+    sums: comm.PendingSum
+
+
 class Trainer:
     """Runs a whole :class:`TrainConfig` on this process's rank. Construct and call :meth:`run`."""
 
@@ -425,6 +440,46 @@ class Trainer:
         bar = tqdm(total=st.steps, initial=start_step, desc=f"stage {st.name} ({st.resolution}px)",
                    disable=denv.rank != 0, dynamic_ncols=True)
         engine.train()
+
+        def finish(rec: _StepRecord, t_end: float) -> None:
+            """Read a step's summed metrics (started by ``comm.start_sum``), check its loss, log it.
+
+            Called for step k while step k+1's work is already queued (and before any checkpoint), so the
+            per-step collective and its device->host read never stall the step that follows. Every rank
+            reads the same sums, so a non-finite loss stops all ranks at the same step.
+            """
+            red = rec.sums.result()
+            ga, w = rec.micro_steps, denv.world_size
+            step_losses = [x / w for x in red[:ga]]
+            loss_v = sum(step_losses) / ga
+            if not math.isfinite(loss_v):
+                raise FloatingPointError(f"loss is {loss_v} at global step {rec.global_step} (stage {st.name})")
+            self.last_loss = loss_v
+            dt = t_end - rec.t0
+            gn = float(rec.grad_norm) if rec.grad_norm is not None else None
+            if order_file is not None:
+                order_file.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{rec.lr:.2e}")
+            self.status.write("running", rec.global_step)
+            if rec.global_step % cfg.log_every == 0 or rec.step_in_stage == st.steps - 1:
+                m = {"loss": loss_v, "lr": rec.lr, "grad_norm": gn, "stage": si, "resolution": st.resolution,
+                     "step_time_s": dt, "data_wait_s": rec.wait, "tokens_per_s": red[ga] / dt,
+                     "samples_per_s": red[ga + 1] / dt, "flops_per_s": red[ga + 2] / dt,
+                     f"loss/{st.name}": loss_v}
+                if cfg.mlflow.peak_flops:
+                    m["mfu"] = red[ga + 2] / dt / (cfg.mlflow.peak_flops * w)
+                for bk, lv in zip(rec.buckets, step_losses):
+                    m[f"loss/bucket_{bk}"] = lv
+                if metrics_file is not None:
+                    metrics_file.write(json.dumps({"step": rec.global_step, "stage_name": st.name,
+                                                   "step_in_stage": rec.step_in_stage + 1, "buckets": rec.buckets,
+                                                   "micro_losses": step_losses, **m}) + "\n")
+                    metrics_file.flush()
+                if rec.global_step % cfg.mlflow.log_every == 0 or rec.step_in_stage == st.steps - 1:
+                    self.tracker.log_metrics({dashboard_key(k): v for k, v in m.items()}, rec.global_step)
+
+        pending: _StepRecord | None = None
         try:
             for step_in_stage in range(start_step, st.steps):
                 t0 = time.perf_counter()
@@ -449,14 +504,16 @@ class Trainer:
                     plan = sampler.draw(batch["grid"], b, gen)
                     logits_BNV = engine(tokens_BN, cond, plan)
                     loss = set_ar_loss(logits_BNV, tokens_BN)
+                    if faults.poisoned("loss", self.global_step + 1):
+                        loss = loss * float("nan")
                     engine.backward(loss)
                     if micro == ga - 1 and cfg.deepspeed.zero_stage == 0:
                         # DeepSpeed records the global grad norm only for its ZeRO/mixed-precision
                         # optimizers; here grads are already all-reduced, so measure before clipping
                         gn0 = torch.nn.utils.get_total_norm(
-                            [p.grad for p in engine.module.parameters() if p.grad is not None])
+                            [p.grad for p in engine.module.parameters() if p.grad is not None]).detach()
                     engine.step()
-                    micro_losses.append(loss.detach())  # read once per step below, not once per micro step
+                    micro_losses.append(loss.detach())  # read with the step's other sums, see finish()
                     tokens += b * n
                     samples += b
                     n_cond = 1 if self.model_cfg.cond == "class" else 1 + (cond.text.shape[1] if cond.text is not None else 0)
@@ -470,45 +527,24 @@ class Trainer:
                 if ema is not None and (self.global_step + 1) % cfg.ema.every == 0:
                     ema.update()
                 self.global_step += 1
-                # one device->host read of the step's micro losses (a float() per micro step made the host
-                # wait for each micro step's kernels before it could queue the next one), then one
-                # collective for the metrics of the step: micro losses, tokens, samples, flops
-                red = comm.all_reduce_sum([*torch.stack(micro_losses).tolist(), tokens, samples, flops])
-                w = denv.world_size
-                step_losses = [x / w for x in red[:ga]]
-                loss_v = sum(step_losses) / ga
-                if not math.isfinite(loss_v):
-                    raise FloatingPointError(f"loss is {loss_v} at global step {self.global_step} (stage {st.name})")
-                self.last_loss = loss_v
-                dt = time.perf_counter() - t0
+                # one collective for the step's metrics (micro losses, tokens, samples, FLOPs), started
+                # without waiting; it is read while the next step runs (no host sync per step or micro step)
+                sums = comm.start_sum(torch.cat([
+                    torch.stack(micro_losses).to(torch.float64),
+                    torch.tensor([tokens, samples, flops], dtype=torch.float64).to(micro_losses[0].device)]))
+                if pending is not None:
+                    finish(pending, t0)  # step time = start to start, the rate a pipelined loop runs at
                 gn = engine.get_global_grad_norm() if cfg.deepspeed.zero_stage else gn0
-                gn = float(gn) if gn is not None else None
-                if order_file is not None:
-                    order_file.flush()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss_v:.4f}", lr=f"{lr:.2e}")
-                self.status.write("running", self.global_step)
-                if self.global_step % cfg.log_every == 0 or step_in_stage == st.steps - 1:
-                    m = {"loss": loss_v, "lr": lr, "grad_norm": gn, "stage": si, "resolution": st.resolution,
-                         "step_time_s": dt, "data_wait_s": wait, "tokens_per_s": red[ga] / dt,
-                         "samples_per_s": red[ga + 1] / dt, "flops_per_s": red[ga + 2] / dt,
-                         f"loss/{st.name}": loss_v}
-                    if cfg.mlflow.peak_flops:
-                        m["mfu"] = red[ga + 2] / dt / (cfg.mlflow.peak_flops * w)
-                    for bk, lv in zip(buckets, step_losses):
-                        m[f"loss/bucket_{bk}"] = lv
-                    if metrics_file is not None:
-                        metrics_file.write(json.dumps({"step": self.global_step, "stage_name": st.name,
-                                                       "step_in_stage": step_in_stage + 1, "buckets": buckets,
-                                                       "micro_losses": step_losses, **m}) + "\n")
-                        metrics_file.flush()
-                    if self.global_step % cfg.mlflow.log_every == 0 or step_in_stage == st.steps - 1:
-                        self.tracker.log_metrics({dashboard_key(k): v for k, v in m.items()}, self.global_step)
+                pending = _StepRecord(self.global_step, step_in_stage, lr, t0, wait, buckets, ga, gn, sums)
                 faults.maybe_fire("after_step", self.global_step)
                 stage_end = step_in_stage == st.steps - 1
                 every = cfg.checkpoint.every_steps
                 if stage_end or (every and self.global_step % every == 0):
+                    finish(pending, time.perf_counter())  # a checkpoint never holds an unchecked step
+                    pending = None
                     last_ckpt = self._save(engine, ema, si, step_in_stage + 1, stream.position, stage_end)
+            if pending is not None:
+                finish(pending, time.perf_counter())
             bar.close()
             if self.cfg.mlflow.vq_path:
                 self._log_samples(engine, stream, si)

@@ -176,6 +176,26 @@ def test_dead_or_hung_rank_makes_survivor_exit_in_bounded_time(shards, tmp_path,
         assert "timed out" in status["error"].lower()  # the collective timeout fired (8 s), no hang
 
 
+def test_nan_loss_on_one_rank_stops_every_rank_before_the_next_checkpoint(shards, tmp_path):
+    """The step metrics are read one step late (the collective runs while the next step works): a NaN loss
+    of step 4 on rank 1 only still stops both ranks with an error naming step 4, and the checkpoint due at
+    step 4 is never written (a checkpoint reads its own step's sums first)."""
+    cfg = base_config(tmp_path / "run", shards, checkpoint={"every_steps": 2, "keep_last": 3},
+                      curriculum={"stages": [{"name": "s", "resolution": 64, "steps": 6, "micro_batch": 2}]})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    procs = spawn(2, train_argv(path), tmp_path / "logs", {"SAR_SCALE_FAULT": "nan:loss:step=4:rank=1"})
+    codes = wait(procs, 300)
+    assert all(c != 0 for c in codes), logs(tmp_path / "logs", "run")
+    for r in (0, 1):
+        status = json.loads((tmp_path / "run" / "status" / f"rank{r}.json").read_text())
+        assert status["state"] == "failed" and "loss is nan at global step 4" in status["error"], status
+    ck = tmp_path / "run" / "checkpoints"
+    assert (ck / "step00000002" / "COMPLETE.json").exists()
+    assert not list(ck.glob("step0000000[3-9]*"))
+    assert sorted(metrics(tmp_path / "run")) == [1, 2, 3]
+
+
 def test_zero3_resume_on_a_different_world_size_is_refused_clearly(zero_sweep, shards, tmp_path, monkeypatch):
     """A 2-rank ZeRO-3 checkpoint resumed by 1 rank: refused, naming the ZeRO-3 limitation and the way
     out (ZeRO-1/2 reshard through universal checkpoints: tests/integration/test_train_elastic.py);
