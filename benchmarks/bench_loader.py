@@ -100,17 +100,33 @@ def make_v1_stats(root: Path, shards: int, per_shard: int) -> None:
     (root / "manifest.json").write_text(json.dumps(man))
 
 
-def load_old_loader():
-    """The previous reader's module, from git (it needs schema's v1 helpers)."""
+def _old_module(name: str, path: str, replace: dict[str, str] | None = None):
+    """``path`` of this repository at OLD_READER_COMMIT as module ``name`` (its own history, not a download)."""
     import types
 
-    src = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_READER_COMMIT}:sar_scale/data/loader.py"],
+    src = subprocess.run(["git", "-C", str(REPO), "show", f"{OLD_READER_COMMIT}:{path}"],
                          capture_output=True, text=True, check=True).stdout
-    mod = types.ModuleType("old_loader")
-    mod.__file__ = f"old_loader@{OLD_READER_COMMIT}"
-    sys.modules["old_loader"] = mod  # dataclasses look their module up
+    for a, b in (replace or {}).items():
+        if a not in src:
+            raise RuntimeError(f"{path}@{OLD_READER_COMMIT}: expected {a!r}")
+        src = src.replace(a, b)
+    mod = types.ModuleType(name)
+    mod.__file__ = f"{name}@{OLD_READER_COMMIT}"
+    sys.modules[name] = mod  # dataclasses look their module up
     exec(compile(src, mod.__file__, "exec"), mod.__dict__)  # noqa: S102 - this repository's own history
     return mod
+
+
+def old_schema():
+    """The schema helpers of the per-sample format (v1: a JSON index per sample in stats.json)."""
+    return sys.modules.get("old_schema") or _old_module("old_schema", "sar_scale/data/schema.py")
+
+
+def load_old_loader():
+    """The previous reader's module, from git, with the v1 schema helpers it was written against."""
+    old_schema()
+    return _old_module("old_loader", "sar_scale/data/loader.py",
+                       {"from sar_scale.data import schema\n": "import old_schema as schema\n"})
 
 
 def child_scale(kind: str, url: str, world: int) -> dict:
@@ -199,27 +215,44 @@ def write_900m_shape(url: str, endpoint: str, shards: int, per_shard: int, v1: b
                                              extra={"class_id": j % 10}) for j in range(per_shard)),
                          key=lambda s: s["__key__"])
         if v1:
+            v1s = old_schema()
             buf = io.BytesIO()
             with wds.TarWriter(buf) as tw:
                 for s in samples:
                     tw.write(s)
             data = buf.getvalue()
-            st.put_bytes(data, schema.tar_name("old", i))
-            index = schema.build_index(io.BytesIO(data))
-            schema.write_stats(st, "old", i, schema.make_stats("old", i, per_shard, {}, len(data), index))
-            entries.append({"tar": schema.tar_name("old", i), "stats": schema.stats_name("old", i),
+            st.put_bytes(data, v1s.tar_name("old", i))
+            index = v1s.build_index(io.BytesIO(data))
+            v1s.write_stats(st, "old", i, v1s.make_stats("old", i, per_shard, {}, len(data), index))
+            entries.append({"tar": v1s.tar_name("old", i), "stats": v1s.stats_name("old", i),
                             "samples": per_shard})
         else:
             entries.append(schema.shard_entry(commit_shard(st, "b", i, samples, {256: (16, 16)})))
     if v1:
-        schema.write_manifest(st, schema.make_manifest(entries, [256], {"256": {"16x16": shards * per_shard}},
-                                                       "b", {}, True))
+        v1s = old_schema()
+        v1s.write_manifest(st, v1s.make_manifest(entries, [256], {"256": {"16x16": shards * per_shard}},
+                                                 "b", {}, True))
     else:
         schema.write_dataset_manifest(st, schema.make_dataset_manifest(entries, [256], True, "b", {}, []))
 
 
-def part_throughput(a, tmp: Path) -> dict:
+def read_epoch(a, url: str, cond: str, storage) -> tuple[int, float]:
+    """One epoch of rank 0 of 1 through the training reader: (samples, seconds incl. start-up)."""
     from sar_scale.data.loader import StageStream
+
+    t0 = time.perf_counter()
+    s = StageStream(url, 256, 0, 1, seed=0, stage=0, cond=cond, micro_batch=8, num_workers=a.workers,
+                    window=a.window, prefetch_shards=a.prefetch, storage=storage)
+    it = iter(s)
+    got = 0
+    for _ in range(s.steps_per_epoch):
+        got += len(next(it)["keys"])
+    dt = time.perf_counter() - t0
+    it.close()
+    return got, dt
+
+
+def part_throughput(a, tmp: Path) -> dict:
     from sar_scale.data.storage import S3Storage
     from sar_scale.testing.s3_fault_proxy import FaultConfig, S3FaultProxy
 
@@ -236,16 +269,15 @@ def part_throughput(a, tmp: Path) -> dict:
             n = a.tp_shards * a.tp_per_shard
             st = S3Storage("s3://bench/v2", endpoint_url=proxy.endpoint)
             proxy.reset_counts()
-            t0 = time.perf_counter()
-            s = StageStream("s3://bench/v2", 256, 0, 1, seed=0, stage=0, cond=cond, micro_batch=8,
-                            num_workers=a.workers, window=a.window, prefetch_shards=a.prefetch, storage=st)
-            it = iter(s)
-            got = 0
-            for _ in range(s.steps_per_epoch):
-                got += len(next(it)["keys"])
-            dt = time.perf_counter() - t0
-            it.close()
+            got, dt = read_epoch(a, "s3://bench/v2", cond, st)
             new_req = proxy.counts["requests"]
+            # the reader's own ceiling (tar parsing, npy decoding, batching) without the network: the same
+            # shards in a local directory (page cache)
+            local = tmp / "local_v2"
+            local.mkdir()
+            for k in st.list():
+                st.get_file(k, local / k)
+            got_local, dt_local = read_epoch(a, str(local), cond, None)
             # the ceiling of this loopback S3 + proxy: the same shards GET whole, 4 at a time, no decoding
             import concurrent.futures as cf
 
@@ -258,7 +290,9 @@ def part_throughput(a, tmp: Path) -> dict:
                    "requests_epoch_incl_readahead": new_req, "shards": a.tp_shards,
                    "requests_bound_1.1x_shards_plus_index": round(1.1 * a.tp_shards + a.tp_shards + 1, 1),
                    "raw_whole_shard_get_samples_per_s": round(n / raw_dt, 1),
-                   "raw_get_mb_per_s": round(nbytes / raw_dt / 1e6, 1)}
+                   "raw_get_mb_per_s": round(nbytes / raw_dt / 1e6, 1),
+                   "share_of_raw_get_rate": round(got / dt / (n / raw_dt), 2),
+                   "local_dir_samples_per_s": round(got_local / dt_local, 1)}
             # the previous reader: one ranged GET per sample, on the same proxy, in the same run
             old = load_old_loader()
             proxy.reset_counts()
