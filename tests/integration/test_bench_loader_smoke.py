@@ -27,4 +27,4 @@ def test_bench_loader_scale_and_throughput_parts_run_at_toy_sizes():
         else:
             assert out["new"]["samples"] == 8 and out["old"]["samples"] >= 4  # the old reader fills whole batches
             assert out["old"]["requests_per_sample"] >= 1 and out["new"]["local_dir_samples_per_s"] > 0
-            assert out["new"]["requests_epoch_incl_readahead"] <= out["new"]["requests_bound_1.1x_shards_plus_index"]
+            assert out["new"]["requests_per_epoch"] <= out["new"]["requests_bound_1.1x_shards_plus_index"]

@@ -292,9 +292,59 @@ def test_clear_errors_for_bad_data(shards, tmp_path):
         (bad / k).parent.mkdir(parents=True, exist_ok=True)
         (bad / k).write_bytes(st.get_bytes(k))
     idx_key = sorted(k for k in st.list() if k.endswith(".index.npy"))[0]
-    idx = schema.decode_npy((bad / idx_key).read_bytes())
+    idx = schema.decode_npy((bad / idx_key).read_bytes()).copy()
     idx["key"][0] = b"0" * 20
     (bad / idx_key).write_bytes(schema.encode_npy(np.sort(idx, order="key")))
     with pytest.raises(schema.SchemaError, match="index.npy does not match the tar|keys are not"):
         s = StageStream(str(bad), 64, 0, 1, 0, 0, "class", micro_batch=1, num_workers=0, window=100)
         _take(s, s.steps_per_epoch)
+
+
+def test_tar_members_are_sliced_without_copies_and_extended_headers_fall_back_to_tarfile():
+    from sar_scale.data.loader import _tar_members
+
+    def tar_of(members: dict[str, bytes], fmt=tarfile.USTAR_FORMAT) -> bytes:
+        buf = io.BytesIO()
+        with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+            for name, data in members.items():
+                ti = tarfile.TarInfo(name)
+                ti.size = len(data)
+                tf.addfile(ti, io.BytesIO(data))
+        return buf.getvalue()
+
+    members = {"k1.txt": b"a caption", "k1.text.npy": schema.encode_npy(np.ones((3, 5), np.float16)),
+               "k1.json": b"{}", "k1.empty": b""}
+    got = _tar_members(memoryview(tar_of(members)), "x")
+    assert [(n, bytes(p)) for n, p in got] == list(members.items())
+    assert all(isinstance(p, memoryview) for _, p in got)  # views into the fetched piece, no copies
+    assert schema.decode_npy(got[1][1]).dtype == np.float16
+    # a pax header (long name) is read through tarfile's own reader, with the same result
+    long = {("d" * 120) + "/k2.txt": b"long", "k2.json": b"[]"}
+    assert [(n, bytes(p)) for n, p in _tar_members(memoryview(tar_of(long, tarfile.PAX_FORMAT)), "x")] == \
+        list(long.items())
+    # a range cut inside a member, or garbage, is a clear SchemaError naming the place
+    data = tar_of(members)
+    with pytest.raises(schema.SchemaError, match=r"x: member 'k1.text.npy' runs past"):
+        _tar_members(memoryview(data[:1024 + 512 + 100]), "x")
+    with pytest.raises(schema.SchemaError, match=r"x: the sample's byte range ends inside a tar header"):
+        _tar_members(memoryview(data[:1024 + 300]), "x")
+    with pytest.raises(schema.SchemaError, match="x: bad tar header"):
+        _tar_members(memoryview(b"\x01" * 1024), "x")
+
+
+def test_text_features_reach_the_batch_in_their_stored_dtype(tmp_path):
+    """fp16 features stay fp16 on the host (the model's dtype is applied on the device): same values."""
+    from sar_scale.data.loader import collate
+
+    a = {"key": "a", "tokens": np.zeros(4, np.int32), "caption": "", "text": np.ones((2, 3), np.float16)}
+    b = {"key": "b", "tokens": np.zeros(4, np.int32), "caption": "", "text": np.full((1, 3), 0.5, np.float16)}
+    batch = collate([a, b], (2, 2), "text_features")
+    assert batch["text"].dtype == torch_dtype("float16") and batch["text"].shape == (2, 2, 3)
+    assert batch["text_mask"].tolist() == [[True, True], [True, False]]
+    assert batch["text"][1, 0, 0].item() == 0.5 and batch["text"][1, 1].abs().sum().item() == 0
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
