@@ -55,7 +55,8 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, stage: int = 0, micro_ba
     zero: dict[str, Any] = {
         "stage": ds.zero_stage,
         "overlap_comm": ds.overlap_comm,
-        "contiguous_gradients": True,
+        "contiguous_gradients": (device_type == "cuda" if ds.contiguous_gradients is None
+                                 else ds.contiguous_gradients),
         "reduce_bucket_size": ds.reduce_bucket_size,
     }
     if ds.zero_stage == 3:

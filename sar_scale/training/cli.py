@@ -81,11 +81,15 @@ def main(argv: list[str]) -> int:
 
         from sar_scale.distributed.ds_config import deepspeed_config
         from sar_scale.distributed.env import get_dist_env
+        from sar_scale.distributed.init import resolve_device
         from sar_scale.utils.redact import collect_secret_values, redact_obj
 
         secrets = collect_secret_values(cfg.model_dump())
         st = cfg.curriculum.stages[0]
-        ds = deepspeed_config(cfg, get_dist_env().world_size, 0, st.micro_batch or 1, "cpu", ds_override)
+        # the device this machine would train on (a config asking for cuda on a CPU machine prints the
+        # CUDA variant: it is the config the job will run with)
+        device = "cuda" if cfg.device == "cuda" else resolve_device(cfg.device)
+        ds = deepspeed_config(cfg, get_dist_env().world_size, 0, st.micro_batch or 1, device, ds_override)
         print(yaml.safe_dump(redact_obj(cfg.model_dump(mode="json"), secrets), sort_keys=False))
         print(json.dumps(redact_obj(ds, secrets), indent=1))
         return 0

@@ -61,6 +61,16 @@ def test_deepspeed_config_per_zero_stage(stage):
     assert "bf16" not in ds and "optimizer" not in ds  # fp32 on CPU, client optimizer
 
 
+def test_contiguous_gradients_default_to_the_device_and_a_setting_wins():
+    """Unset: on for CUDA (fragmentation), off on the CPU (its per-parameter copies cost ~5% of a step there)."""
+    def contig(device, **over):
+        return deepspeed_config(cfg(**over), 2, 0, device_type=device)["zero_optimization"]["contiguous_gradients"]
+
+    assert contig("cuda") is True and contig("cpu") is False
+    assert contig("cpu", **{"deepspeed.contiguous_gradients": True}) is True
+    assert contig("cuda", **{"deepspeed.contiguous_gradients": False}) is False
+
+
 def test_deepspeed_config_bf16_offload_override_and_checks():
     c = cfg(**{"deepspeed.precision": "bf16", "deepspeed.zero_stage": 2, "deepspeed.offload_optimizer": "cpu"})
     ds = deepspeed_config(c, 4, stage=1, micro_batch=2)
