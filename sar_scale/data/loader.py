@@ -623,6 +623,21 @@ class StageStream:
                                  "per global batch, last_batch=drop)")
         return self._plans[epoch]
 
+    def held_bound(self) -> tuple[int, int]:
+        """(pieces, bytes) a rank holds at most while streaming.
+
+        Every bucket has its own lanes, and the global batches interleave buckets, so each of this rank's
+        lanes (buckets x grad_accum slots) keeps its window open; a micro-batch that straddles two windows
+        of a lane holds both for one batch: ``lanes * 2 * window + prefetch_shards`` pieces, each at most
+        ``piece_bytes`` (or its whole shard when smaller). Lower ``window``/``piece_bytes`` when datasets
+        have many aspect buckets (17 at 256 px).
+        """
+        buckets = len({s.grid for s in self.shards})
+        pieces = buckets * self.grad_accum * 2 * self.window + self.prefetch_shards
+        biggest = max((s.bytes for s in self.shards), default=0)
+        per = min(biggest, self.piece_bytes) if self.piece_bytes else biggest
+        return pieces, pieces * per
+
     @property
     def steps_per_epoch(self) -> int:
         """Global batches (optimizer steps) per epoch."""

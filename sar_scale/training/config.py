@@ -45,7 +45,8 @@ class DataSection(StrictModel):
     window: int = Field(4, ge=1, description="shuffle window: samples are shuffled within windows of this "
                         "many consecutive shards (pieces) of a rank's lane; bigger = more random, more open")
     prefetch_shards: int = Field(4, ge=0, description="pieces (usually whole shards) fetched ahead of the "
-                                 "windows in use; with a window of W a rank holds about W + this many")
+                                 "windows in use; a rank holds at most (aspect buckets x grad_accum) x 2 x "
+                                 "window + this many pieces (logged at each stage start)")
     piece_bytes: int | None = Field(256 * 2**20, ge=1 << 16, description="most bytes of a shard read by one "
                                     "request and held while its window is open (a 10k-sample shard of 900M "
                                     "samples is ~5 GB); smaller shards are read whole; null = whole shards")

@@ -348,6 +348,11 @@ class Trainer:
             last_batch=cfg.data.last_batch, index=index, grad_accum=grad_accum, window=cfg.data.window,
             prefetch_shards=cfg.data.prefetch_shards, piece_bytes=cfg.data.piece_bytes, cache_dir=cfg.data.cache_dir,
             cache_bytes=cfg.data.cache_bytes)
+        pieces, held = stream.held_bound()
+        logger.info("data: %d shards of %d aspect buckets at %d px; a rank holds at most %d pieces (~%.2f GiB: "
+                    "lanes x 2 x data.window %d + data.prefetch_shards %d, pieces <= data.piece_bytes)",
+                    len(stream.shards), len({s.grid for s in stream.shards}), st.resolution, pieces, held / 2**30,
+                    cfg.data.window, cfg.data.prefetch_shards)
         self.text_encoder = None
         if stream.cond == "text_encoder":
             from sar_scale.tokenizers.text import TextEncoder

@@ -233,6 +233,33 @@ def test_open_pieces_stay_within_window_plus_prefetch(tmp_path, window, prefetch
         assert 24 <= s.reader.requests <= 24 + 2 * (window + prefetch)
 
 
+@pytest.mark.parametrize("ga, window, prefetch", [(1, 1, 1), (2, 1, 2), (2, 2, 3)])
+def test_open_pieces_stay_within_the_bound_with_several_buckets_and_slots(tmp_path, ga, window, prefetch):
+    """Locality with many lanes: 3 aspect buckets interleaved in the global batches, grad_accum slots per
+    rank, shard sizes that do not divide the micro batch (batches straddle windows): what a rank holds
+    never exceeds ``held_bound()`` (lanes x 2W + P), and every sample is read exactly once per epoch."""
+    st = LocalStorage(tmp_path)
+    entries = []
+    grids = [(4, 4), (2, 8), (8, 2)]
+    for i in range(21):
+        g = grids[i % 3]
+        samples = sorted((schema.make_sample(f"s/{i}/{j}", "c", {64: np.full(g, j % 7, np.int32)}, (64, 64),
+                                             extra={"class_id": 0}) for j in range(5)), key=lambda s: s["__key__"])
+        entries.append(schema.shard_entry(commit_shard(st, "b", i, samples, {64: g})))
+    schema.write_dataset_manifest(st, schema.make_dataset_manifest(entries, [64], False, "t", {}, []))
+    seen = []
+    for rank in (0, 1):
+        s = StageStream(str(tmp_path), 64, rank, 2, seed=0, stage=0, cond="class", micro_batch=2, window=window,
+                        prefetch_shards=prefetch, num_workers=2, grad_accum=ga, last_batch="drop")
+        s.audit = True
+        seen += [k for b in _take(s, s.steps_per_epoch * ga) for k in b["keys"]]
+        pieces, nbytes = s.held_bound()
+        assert pieces == 3 * ga * 2 * window + prefetch and nbytes == pieces * max(e["bytes"] for e in entries)
+        opened = [o for _, _, o in s.open_log]
+        assert max(opened) <= pieces, (max(opened), pieces)
+    assert len(seen) == len(set(seen))  # nothing read twice across ranks and slots in the epoch
+
+
 def test_no_rank_starves_when_a_bucket_has_fewer_shards_than_ranks(tmp_path):
     url = one_bucket(tmp_path, n_shards=1, per_shard=5)
     world = 4
