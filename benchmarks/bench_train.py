@@ -218,6 +218,7 @@ def bench_overhead(model: str, grid, mb: int, steps: int) -> dict:
     from sar_scale.distributed.init import destroy_distributed, init_distributed
     from sar_scale.models import build_model
     from sar_scale.sar import set_ar_loss
+    from sar_scale.training.trainer import build_adamw
 
     init_distributed("gloo", "cpu", 600)
     fns, cfg0 = {}, None
@@ -225,7 +226,7 @@ def bench_overhead(model: str, grid, mb: int, steps: int) -> dict:
         cfg0 = _train_cfg(model, 0, mb, tmp, tmp, steps, 256)
         torch.manual_seed(0)
         pm = build_model(model)
-        popt = torch.optim.AdamW(pm.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+        popt = build_adamw(pm.parameters(), cfg0.optim, 1e-4)  # the trainer's optimizer, in both loops
 
         def plain(tok, cond, plan, m=pm, opt=popt):
             loss = set_ar_loss(m(tok, cond, plan), tok)
@@ -240,7 +241,7 @@ def bench_overhead(model: str, grid, mb: int, steps: int) -> dict:
             cfg = cfg0.model_copy(update={"deepspeed": cfg0.deepspeed.model_copy(update={"zero_stage": zero})})
             torch.manual_seed(0)
             m = build_model(model)
-            opt = torch.optim.AdamW(m.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05)
+            opt = build_adamw(m.parameters(), cfg0.optim, 1e-4)
             engine, *_ = deepspeed.initialize(model=m, optimizer=opt, config=deepspeed_config(cfg, 1, 0, mb))
 
             def ds_step(tok, cond, plan, engine=engine):

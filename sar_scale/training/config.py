@@ -70,6 +70,9 @@ class OptimSection(StrictModel):
     schedule: Literal["cosine", "constant"] = "cosine"
     warmup_steps: int = Field(0, ge=0)
     decay_1d: bool = Field(False, description="apply weight decay to 1-D params (norms, biases) too")
+    implementation: Literal["auto", "fused", "foreach", "for-loop"] = Field(
+        "auto", description="torch AdamW kernel: auto = fused (one kernel over all tensors; on CUDA and the "
+        "CPU), foreach = batched per-tensor ops, for-loop = one tensor at a time")
 
     @field_validator("betas")
     @classmethod

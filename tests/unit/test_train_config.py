@@ -254,3 +254,27 @@ def test_model_compile_compiles_the_blocks():
     model = Trainer(cfg(**{"model.compile": "true"}))._build_model(0)
     assert model.compiled and all(b._compiled_call_impl is not None for b in (*model.encoder, *model.decoder))
     assert not Trainer(cfg())._build_model(0).compiled
+
+
+def test_adamw_implementation_follows_the_config():
+    import torch
+
+    from sar_scale.training.trainer import build_adamw
+
+    params = [torch.nn.Parameter(torch.ones(3))]
+    got = {impl: build_adamw(params, cfg(**{"optim.implementation": impl}).optim, 1e-3).defaults
+           for impl in ("auto", "fused", "foreach", "for-loop")}
+    assert got["auto"]["fused"] and got["fused"]["fused"]
+    assert got["foreach"]["foreach"] is True and not got["foreach"]["fused"]
+    assert got["for-loop"]["foreach"] is False and not got["for-loop"]["fused"]
+    assert got["auto"]["betas"] == (0.9, 0.95) and got["auto"]["lr"] == 1e-3
+    # the fused and for-loop kernels take the same step (to float rounding)
+    steps = {}
+    for impl in ("fused", "for-loop"):
+        p = torch.nn.Parameter(torch.linspace(-1, 1, 7))
+        opt = build_adamw([p], cfg(**{"optim.implementation": impl}).optim, 1e-2)
+        for _ in range(3):
+            p.grad = p.detach() ** 2
+            opt.step()
+        steps[impl] = p.detach()
+    torch.testing.assert_close(steps["fused"], steps["for-loop"])
