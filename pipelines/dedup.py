@@ -7,10 +7,14 @@ Stages, each one Ray task per partition reading and writing staging files (:mod:
 2. ``exact`` (by pixel hash) same decoded pixels -> keep the smallest source id, ``duplicate``;
 3. ``near``  (by LSH band)   pHash within ``phash_max_distance``: the 64 bits are cut into t+1 bands,
                              so near pairs share a band value exactly (pigeonhole, no false negatives);
-                             each band bucket is compared pairwise -> edges;
-4. ``components`` (one task) union-find over the edges; per connected component the smallest source
-                             id stays (or, in an append run, every existing sample stays and all new
-                             members go), ``near_duplicate``;
+                             each band bucket is compared pairwise -> edges, routed both ways to the
+                             key ranges of their two ends (adjacency);
+4. ``label`` rounds (by key range) connected components by min-label propagation: every node keeps the
+                             best member it has heard of and tells its neighbours when that changes,
+                             round after round until no label changes (rounds = the longest shortest
+                             path in a component; a task holds its key range's nodes and edges only).
+                             Per component the smallest source id stays (or, in an append run, every
+                             existing sample stays and all new members go), ``near_duplicate``;
 5. ``assign`` (by key range) drop the losers, group survivors by aspect bucket, sort by key, write
                              ``assign/{bucket}/p{p}``; the driver turns the per-bucket counts into shards.
 
@@ -20,6 +24,7 @@ Rows of the dataset being appended to take part as incumbents ("base" rows from 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from itertools import combinations
 from typing import Any
 
@@ -111,42 +116,67 @@ def near_stage(stg: Staging, r_: int, opts: dict[str, Any]) -> dict[str, int]:
             if a["key"] != b["key"] and bin(to_unsigned64(a["phash"]) ^ to_unsigned64(b["phash"])).count("1") <= t:
                 edges[(a["key"], b["key"])] = {"a": a["key"], "a_sid": a["sid"], "a_base": a["base"],
                                                "b": b["key"], "b_sid": b["sid"], "b_base": b["base"]}
-    stg.write_parts("edges", f"r{r_:05d}", [edges[k] for k in sorted(edges)], lambda r: 0)
+    P = opts["parts"]
+    adj = []
+    for k in sorted(edges):
+        e = edges[k]
+        for x, y in (("a", "b"), ("b", "a")):
+            adj.append({"node": e[x], "node_sid": e[f"{x}_sid"], "node_base": e[f"{x}_base"],
+                        "nbr": e[y], "nbr_sid": e[f"{y}_sid"], "nbr_base": e[f"{y}_base"]})
+    stg.write_parts("adj", f"r{r_:05d}", adj, lambda r: key_part(r["node"], P))
     return {"rows": sum(len(g) for g in groups.values()), "edges": len(edges)}
 
 
-def components_stage(stg: Staging, opts: dict[str, Any]) -> dict[str, int]:
-    """Union-find over all near-duplicate edges; per component the winner is the dataset's samples if
-    any (every new member goes), else the smallest source id. Holds O(near-duplicate rows) memory."""
-    parent: dict[str, str] = {}
+def _rank(m: dict[str, Any]) -> tuple:
+    """``_order`` of a graph node (source ids are unique after the sid stage, so input order never decides)."""
+    return (not m["base"], m["sid"], m["key"])
+
+
+def label_round(stg: Staging, p: int, opts: dict[str, Any]) -> dict[str, int]:
+    """Round ``opts["round"]`` of min-label propagation for the near-duplicate nodes of key range ``p``.
+
+    A node's label is the best member (by ``_rank``) it has heard of. Round 0 starts from the node and its
+    neighbours; later rounds take the best of the messages sent to the node (its own label, and the labels
+    of neighbours that changed). A node whose label changed tells its neighbours. When a round changes no
+    label anywhere, every label is its component's best member - the union-find answer, whatever the
+    partition count or task timing. Each round rewrites this range's drop file, so the last round's stands.
+    """
+    k, P = opts["round"], opts["parts"]
     info: dict[str, dict[str, Any]] = {}
-
-    def find(x: str) -> str:
-        while parent[x] != x:
-            parent[x] = parent[parent[x]]
-            x = parent[x]
-        return x
-
-    for e in stg.read_part("edges", 0):
-        for side in ("a", "b"):
-            k = e[side]
-            if k not in parent:
-                parent[k] = k
-                info[k] = {"key": k, "sid": e[f"{side}_sid"], "base": e[f"{side}_base"], "u": 0, "i": 0}
-        ra, rb = find(e["a"]), find(e["b"])
-        if ra != rb:
-            parent[max(ra, rb)] = min(ra, rb)
-    comps: dict[str, list[dict[str, Any]]] = {}
-    for k in sorted(parent):
-        comps.setdefault(find(k), []).append(info[k])
-    drops = []
-    for members in comps.values():
-        members.sort(key=_order)
-        winner = members[0]
-        drops += [_drop(m, "near_duplicate", winner, remove=True) for m in members[1:] if not m["base"]]
-    P = opts["parts"]
+    nbrs: dict[str, dict[str, dict[str, Any]]] = {}
+    for e in stg.read_part("adj", p):
+        info[e["node"]] = {"key": e["node"], "sid": e["node_sid"], "base": e["node_base"]}
+        nbrs.setdefault(e["node"], {})[e["nbr"]] = {"key": e["nbr"], "sid": e["nbr_sid"], "base": e["nbr_base"]}
+    if k == 0:
+        prev = dict(info)
+        best = {n: min([info[n], *nbrs[n].values()], key=_rank) for n in info}
+    else:
+        prev, best = {}, {}
+        for m in stg.read_part(f"label{k:05d}", p):
+            lab = {"key": m["l_key"], "sid": m["l_sid"], "base": m["l_base"]}
+            if m["own"]:
+                prev[m["node"]] = lab
+            if m["node"] not in best or _rank(lab) < _rank(best[m["node"]]):
+                best[m["node"]] = lab
+    changed = sorted(n for n in best if best[n]["key"] != prev[n]["key"])
+    msgs = [{"node": n, "own": True, "l_key": best[n]["key"], "l_sid": best[n]["sid"], "l_base": best[n]["base"]}
+            for n in sorted(best)]
+    msgs += [{"node": y, "own": False, "l_key": best[n]["key"], "l_sid": best[n]["sid"], "l_base": best[n]["base"]}
+             for n in changed for y in sorted(nbrs[n])]
+    stg.write_parts(f"label{k + 1:05d}", f"p{p:05d}", msgs, lambda r: key_part(r["node"], P))
+    drops = [_drop(info[n], "near_duplicate", best[n], remove=True)
+             for n in sorted(best) if best[n]["key"] != n and not info[n]["base"]]
     stg.write_parts("drop", "near", drops, lambda r: key_part(r["key"], P))
-    return {"components": len(comps), "dropped": len(drops)}
+    return {"nodes": len(best), "changed": len(changed), "dropped": len(drops)}
+
+
+def components(run_round: Callable[[int], list[dict[str, int]]], max_rounds: int = 100_000) -> int:
+    """Run label rounds (``run_round(k)`` = one ``label_round`` per partition) until no label changes;
+    returns the number of rounds. The caller's state is the per-partition counts, nothing per sample."""
+    for k in range(max_rounds):
+        if not sum(r["changed"] for r in run_round(k)):
+            return k + 1
+    raise RuntimeError(f"near-duplicate labels still changing after {max_rounds} rounds")
 
 
 def assign_stage(stg: Staging, p: int, opts: dict[str, Any]) -> dict[str, int]:

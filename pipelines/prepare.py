@@ -250,7 +250,9 @@ def _dedup_and_plan(ray, cfg: PrepareConfig, stg: Staging, storage: Storage, bas
         _stage(ray, dedup.exact_stage, cfg, stg, opts, "dedup: exact")
     if opts["near"]:
         _stage(ray, dedup.near_stage, cfg, stg, opts, "dedup: near (LSH bands)")
-        ray.get(ray.remote(dedup.components_stage).options(num_cpus=cfg.ray.load_num_cpus).remote(stg, opts))
+        task = ray.remote(dedup.label_round).options(num_cpus=cfg.ray.load_num_cpus)
+        rounds = dedup.components(lambda k: _get(ray, [task.remote(stg, p, {**opts, "round": k}) for p in range(P)]))
+        logger.info("dedup: near-duplicate components after %d label rounds", rounds)
     counts: dict[str, dict[int, int]] = {}
     for p, per_grid in enumerate(_stage(ray, dedup.assign_stage, cfg, stg, opts, "assign")):
         for g, n in per_grid.items():

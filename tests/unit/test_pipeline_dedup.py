@@ -57,7 +57,7 @@ def _run(tmp, rows, parts: int, base: list[dict] = ()) -> tuple[dict, list[dict]
         dedup.exact_stage(stg, p, opts)
     for p in range(parts):
         dedup.near_stage(stg, p, opts)
-    dedup.components_stage(stg, opts)
+    dedup.components(lambda k: [dedup.label_round(stg, p, {**opts, "round": k}) for p in range(parts)])
     counts: dict[str, dict[int, int]] = {}
     for p in range(parts):
         for g, n in dedup.assign_stage(stg, p, opts).items():
@@ -152,6 +152,43 @@ def test_incumbents_from_the_dataset_always_win(tmp_path):
     assert fates["recrawl/3.jpg"]["reason"] == "duplicate"
     assert fates["recrawl/3.jpg"]["detail"] == f"of existing sample {rows[3]['key']}"
     assert fates["a-near/7.jpg"]["reason"] == "near_duplicate"  # smaller id than the incumbent, still loses
+
+
+def test_a_long_near_duplicate_chain_is_one_component_for_any_partition_count(tmp_path):
+    """A chain of 20 images, each 3 bits from the next (ends 57 bits apart; think video frames): the labels
+    need many rounds to cross it, and exactly one image - the smallest id, which sits mid-chain - stays."""
+    rng = np.random.default_rng(5)
+    h = int(rng.integers(0, 2**64, dtype=np.uint64))
+    used: set[int] = set()
+    rows = []
+    for i in range(20):
+        if i:
+            bits = rng.choice([b for b in range(64) if b not in used], 3, replace=False)  # never flip back
+            used.update(int(b) for b in bits)
+            for b in bits:
+                h ^= 1 << int(b)
+        sid = f"frame/{(i * 7 + 10) % 20:03d}.jpg"  # the smallest id, frame/000, is frame 10 of 20
+        rows.append({"key": schema.sample_key(sid), "sid": sid, "u": 0, "i": i, "img": "", "caption": "c",
+                     "extra": "", "w": 64, "h": 64, "sha": f"{i:032x}", "phash": to_signed64(h), "base": False,
+                     "grid": dedup.grid_name({32: (4, 4)})})
+    assert bin(to_signed64(h) ^ rows[0]["phash"] & (2**64 - 1)).count("1") > T  # the ends are not near
+    rounds = {}
+    for parts in (1, 3, 8):
+        stg_dir = tmp_path / f"p{parts}"
+        plan, rejects = _run(stg_dir, rows, parts)
+        kept = [sid for _, _, sids in plan["shards"] for sid in sids]
+        assert kept == ["frame/000.jpg"], parts
+        assert sorted(r["source_id"] for r in rejects) == sorted(r["sid"] for r in rows if r["sid"] != kept[0])
+        assert all(r["reason"] == "near_duplicate" and r["detail"] == "of frame/000.jpg" for r in rejects)
+        stg = Staging(LocalStorage(stg_dir))
+        rounds[parts] = max(int(k.split("/")[1][5:]) for k in stg.storage.iter_list("_staging/")
+                            if k.split("/")[1].startswith("label"))
+    assert min(rounds.values()) >= 9  # the best label walked the chain (10 hops to its far end), round by round
+
+
+def test_label_rounds_that_never_settle_are_an_error():
+    with pytest.raises(RuntimeError, match="still changing after 3 rounds"):
+        dedup.components(lambda k: [{"changed": 1}], max_rounds=3)
 
 
 @pytest.mark.parametrize("n,per", [(0, 5), (1, 5), (23, 5), (10, 10)])
