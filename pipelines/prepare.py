@@ -7,7 +7,7 @@ Stages (details in pipelines/dedup.py and pipelines/staging.py):
    and tar prefixes page by page, manifests by Parquet row group / JSONL byte range); each task reads,
    validates and hashes its records and stages the small rows under ``_staging/`` by key range.
 2. **dedup** (Ray tasks per partition): same source id, exact pixels (by hash partition), near pHash
-   (LSH bands, then one union-find task); winners depend on source ids only. In append runs the
+   (LSH bands, then label-propagation rounds per key range); winners depend on source ids only. In append runs the
    dataset's ``hashes.npy`` rows take part as incumbents that always win.
 3. **assign** (per key range): survivors grouped by aspect bucket, sorted by key; the driver turns
    per-bucket counts into shards (``samples_per_shard`` each, one bucket per shard).
