@@ -546,9 +546,10 @@ class Trainer:
                 self.global_step += 1
                 # one collective for the step's metrics (micro losses, tokens, samples, FLOPs), started
                 # without waiting; it is read while the next step runs (no host sync per step or micro step)
-                sums = comm.start_sum(torch.cat([
-                    torch.stack(micro_losses).to(torch.float64),
-                    torch.tensor([tokens, samples, flops], dtype=torch.float64).to(micro_losses[0].device)]))
+                counts = torch.tensor([tokens, samples, flops], dtype=torch.float64)
+                if micro_losses[0].is_cuda:  # a pinned copy does not make the host wait for the stream
+                    counts = counts.pin_memory().to(micro_losses[0].device, non_blocking=True)
+                sums = comm.start_sum(torch.cat([torch.stack(micro_losses).to(torch.float64), counts]))
                 if pending is not None:
                     finish(pending, t0)  # step time = start to start, the rate a pipelined loop runs at
                 gn = engine.get_global_grad_norm() if cfg.deepspeed.zero_stage else gn0
