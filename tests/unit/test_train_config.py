@@ -164,6 +164,11 @@ def test_cli_print_config_merges_deepspeed_override_and_rejects_bad_input(tmp_pa
     ds.write_text('{"gradient_clipping": 0.5}')
     assert main([str(cfg), "--print-config", "--deepspeed-config", str(ds)]) == 0
     assert '"gradient_clipping": 0.5' in capsys.readouterr().out
+    # the DeepSpeed JSON of the device the job would use (a cuda config prints the CUDA variant anywhere)
+    assert main([str(cfg), "device=cuda", "--print-config"]) == 0
+    assert '"contiguous_gradients": true' in capsys.readouterr().out
+    assert main([str(cfg), "device=cpu", "--print-config"]) == 0
+    assert '"contiguous_gradients": false' in capsys.readouterr().out
     assert main([str(cfg), "--print-config", "--deepspeed-config", "{not json"]) == 2
     assert "--deepspeed-config" in capsys.readouterr().err
     assert main([str(cfg), "optim.lrr=1"]) == 2
