@@ -5,7 +5,8 @@ rank really die at a named point: ``kill`` sends itself SIGKILL, ``exit`` calls 
 ``hang`` sleeps forever (a stuck rank), ``raise`` raises RuntimeError; ``nan`` does not stop the rank but
 makes its loss of step N NaN (point ``loss``: a diverged step). Points used by the trainer:
 ``after_step`` (optimizer step N finished), ``ckpt_files_written`` (checkpoint N's files are on disk,
-its COMPLETE marker is not), ``loss`` (the loss of step N, before its backward). Unset in normal runs; parsing errors name the bad entry.
+its COMPLETE marker is not), ``loss`` (the loss of step N, before its backward). Unset in normal runs;
+parsing errors name the bad entry.
 """
 
 from __future__ import annotations
@@ -51,14 +52,21 @@ def parse_faults(spec: str | None) -> list[Fault]:
     return out
 
 
-def maybe_fire(point: str, step: int) -> None:
-    """Carry out a configured fault at ``point``/``step`` on this rank, if any."""
+def _here(point: str, step: int) -> tuple[list[Fault], int]:
+    """(faults configured for ``point``/``step`` on this rank, this rank); none in normal runs."""
     spec = os.environ.get(ENV)
     if not spec:
-        return
+        return [], 0
     rank = int(os.environ.get("RANK", "0"))
-    for f in parse_faults(spec):
-        if f.action == "nan" or f.point != point or f.step != step or (f.rank is not None and f.rank != rank):
+    return [f for f in parse_faults(spec)
+            if f.point == point and f.step == step and (f.rank is None or f.rank == rank)], rank
+
+
+def maybe_fire(point: str, step: int) -> None:
+    """Carry out a configured fault at ``point``/``step`` on this rank, if any."""
+    faults, rank = _here(point, step)
+    for f in faults:
+        if f.action == "nan":  # not a way to die: see poisoned()
             continue
         logger.error("fault injection: %s at %s step %d on rank %d", f.action, point, step, rank)
         for h in logging.getLogger().handlers:
@@ -76,12 +84,8 @@ def maybe_fire(point: str, step: int) -> None:
 
 def poisoned(point: str, step: int) -> bool:
     """Whether a ``nan`` fault is configured for ``point``/``step`` on this rank (the caller makes its value NaN)."""
-    spec = os.environ.get(ENV)
-    if not spec:
-        return False
-    rank = int(os.environ.get("RANK", "0"))
-    for f in parse_faults(spec):
-        if f.action == "nan" and f.point == point and f.step == step and (f.rank is None or f.rank == rank):
-            logger.error("fault injection: NaN loss at %s step %d on rank %d", point, step, rank)
-            return True
+    faults, rank = _here(point, step)
+    if any(f.action == "nan" for f in faults):
+        logger.error("fault injection: NaN loss at %s step %d on rank %d", point, step, rank)
+        return True
     return False
